@@ -163,8 +163,7 @@ def validate_factors(
                 )
             if A.shape[1] != As[0].shape[1]:
                 raise ValueError(
-                    f"client {k}: A has {A.shape[1]} columns (n) but client 0 has "
-                    f"{As[0].shape[1]}"
+                    f"client {k}: A has {A.shape[1]} columns (n) but client 0 has {As[0].shape[1]}"
                 )
         Bs.append(B)
         As.append(A)

@@ -1,0 +1,188 @@
+"""Factored SVD, allocation and spectrum against dense numpy SVDs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from raflora.math import allocate, factored_norm, factored_svd, spectrum, truncate
+
+
+def factors(m, n, R, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, R)), rng.standard_normal((R, n))
+
+
+def dense_svd(B, A):
+    """numpy SVD of the dense product, with the sign convention: max-|.| entry of U_i > 0."""
+    U, S, Vt = np.linalg.svd(B.astype(np.float64) @ A.astype(np.float64), full_matrices=False)
+    signs = np.sign(U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])])
+    signs[signs == 0] = 1
+    return U * signs, S, Vt * signs[:, None]
+
+
+def dense_factors(B, A, r, split):
+    U, S, Vt = dense_svd(B, A)
+    if split == "us":
+        return U[:, :r] * S[:r], Vt[:r]
+    return U[:, :r] * np.sqrt(S[:r]), np.sqrt(S[:r])[:, None] * Vt[:r]
+
+
+def to_numpy(x):
+    return x.double().numpy() if isinstance(x, torch.Tensor) else x.astype(np.float64)
+
+
+CASES = [(30, 20, 6), (12, 40, 9), (8, 8, 12), (50, 3, 5)]  # (m, n, R); R > min(m, n) too
+
+
+@pytest.mark.parametrize(("m", "n", "R"), CASES)
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("split", ["us", "sqrt"])
+def test_allocate_matches_dense_truncated_svd(m, n, R, library, dtype, split):
+    B, A = factors(m, n, R, seed=m + n + R)
+    B, A = B.astype(dtype), A.astype(dtype)
+    if library == "torch":
+        B, A = torch.from_numpy(B), torch.from_numpy(A)
+    available = min(m, n, R)
+    ranks = sorted({1, available // 2 or 1, available})
+    pairs = allocate(B, A, ranks, split=split)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    B64, A64 = to_numpy(B), to_numpy(A)
+    scale = np.linalg.norm(B64 @ A64)
+    for r, (Br, Ar) in zip(ranks, pairs, strict=True):
+        assert type(Br) is type(B) and Br.dtype == B.dtype and Ar.dtype == A.dtype
+        assert tuple(Br.shape) == (m, r) and tuple(Ar.shape) == (r, n)
+        Bd, Ad = dense_factors(B64, A64, r, split)
+        for got, want in [(Br, Bd), (Ar, Ad)]:
+            np.testing.assert_allclose(to_numpy(got), want, atol=tol * np.sqrt(scale))
+        err = np.linalg.norm(to_numpy(Br) @ to_numpy(Ar) - Bd @ Ad) / scale
+        assert err < tol
+    single = allocate(B, A, ranks[-1], split=split)
+    assert isinstance(single, tuple)
+    np.testing.assert_array_equal(to_numpy(single[0]), to_numpy(pairs[-1][0]))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_spectrum_matches_numpy(library):
+    B, A = factors(25, 15, 7, seed=3)
+    expected = np.linalg.svd(B @ A, compute_uv=False)[:7]
+    if library == "torch":
+        B, A = torch.from_numpy(B), torch.from_numpy(A)
+    S = spectrum(B, A)
+    assert S.shape == (7,)
+    np.testing.assert_allclose(to_numpy(S), expected, rtol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    R=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_allocate_property(m, n, R, seed, data):
+    B, A = factors(m, n, R, seed)
+    S_dense = np.linalg.svd(B @ A, compute_uv=False)
+    k = min(m, n, R)
+    np.testing.assert_allclose(spectrum(B, A), S_dense[:k], rtol=1e-9, atol=1e-9 * S_dense[0])
+    r = data.draw(st.integers(1, k))
+    gap = S_dense[r - 1] - (S_dense[r] if r < len(S_dense) else 0.0)
+    assume(gap > 1e-3 * S_dense[0])  # the truncation is unique
+    Br, Ar = allocate(B, A, r)
+    U, S, Vt = np.linalg.svd(B @ A)
+    best = (U[:, :r] * S[:r]) @ Vt[:r]
+    np.testing.assert_allclose(Br @ Ar, best, atol=1e-8 * S_dense[0])
+
+
+def test_factored_svd_reconstructs_and_is_deterministic():
+    B, A = factors(20, 16, 5, seed=1)
+    U, S, Vt = factored_svd(B, A)
+    np.testing.assert_allclose((U * S) @ Vt, B @ A, atol=1e-12)
+    np.testing.assert_allclose(U.T @ U, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(5), atol=1e-12)
+    assert np.all(U[np.abs(U).argmax(axis=0), np.arange(5)] > 0)
+    U2, S2, Vt2 = factored_svd(-B, -A)  # same product, different factors
+    np.testing.assert_allclose(U2, U, atol=1e-12)
+    np.testing.assert_allclose(S2, S, atol=1e-12)
+    np.testing.assert_allclose(Vt2, Vt, atol=1e-12)
+    Ut, St, Vtt = factored_svd(torch.from_numpy(B), torch.from_numpy(A))
+    for got, want in [(Ut, U), (St, S), (Vtt, Vt)]:
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+
+
+def test_truncate_slices_an_svd():
+    B, A = factors(10, 9, 4)
+    U, S, Vt = factored_svd(B, A)
+    Br, Ar = truncate(U, S, Vt, 2, split="sqrt")
+    np.testing.assert_allclose(Br, U[:, :2] * np.sqrt(S[:2]))
+    np.testing.assert_allclose(Ar, np.sqrt(S[:2])[:, None] * Vt[:2])
+
+
+def test_zero_update():
+    B, A = np.zeros((6, 3)), np.ones((3, 5))
+    np.testing.assert_array_equal(spectrum(B, A), np.zeros(3))
+    Br, Ar = allocate(B, A, 2)
+    np.testing.assert_array_equal(Br @ Ar, np.zeros((6, 5)))
+    assert factored_norm(B, A) == 0.0
+
+
+def test_factored_norm():
+    B, A = factors(9, 7, 3)
+    assert factored_norm(B, A) == pytest.approx(np.linalg.norm(B @ A), rel=1e-12)
+
+
+def test_keeps_torch_device_and_handles_huge_m_n():
+    m = n = 1_000_000  # a dense m×n float32 matrix would need 4 TB
+    B = torch.zeros(m, 2)
+    A = torch.zeros(2, n)
+    B[0, 0], B[1, 1], A[0, 0], A[1, 1] = 3.0, 1.0, 1.0, 2.0
+    Br, Ar = allocate(B, A, 1)
+    assert Br.device == B.device and Br.dtype == torch.float32
+    torch.testing.assert_close(spectrum(B, A), torch.tensor([3.0, 2.0]))
+    assert float(Br[0, 0] * Ar[0, 0]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("rank", "message"),
+    [
+        (0, "rank 0 is out of range: the available rank is 4"),
+        (5, "rank 5 is out of range: the available rank is 4"),
+        ([1, 7], "rank 7 is out of range: the available rank is 4"),
+        ([], "empty"),
+        (2.0, "rank must be an int or a sequence"),
+        (True, "rank must be an int or a sequence|not an integer"),
+        ([1, 1.5], r"rank 1.5 is not an integer"),
+    ],
+)
+def test_bad_ranks(rank, message):
+    B, A = factors(6, 5, 4)
+    with pytest.raises(ValueError, match=message):
+        allocate(B, A, rank)
+
+
+@pytest.mark.parametrize(
+    ("B", "A", "message"),
+    [
+        (np.ones((4, 2)), np.ones((3, 5)), "B has 2 columns but A has 3 rows"),
+        (np.ones((4, 2)), torch.ones(2, 5), "mixed array libraries"),
+        (np.ones((4, 2)), np.ones((2, 5), dtype=np.float32), "mixed dtypes"),
+        (np.ones((4, 2), dtype=np.int64), np.ones((2, 5)), "B has dtype int64"),
+        (np.ones((4, 2)), np.full((2, 5), np.inf), "A contains non-finite"),
+        (np.ones(4), np.ones((1, 5)), "B must be 2-D"),
+    ],
+)
+def test_bad_factors(B, A, message):
+    with pytest.raises(ValueError, match=message):
+        allocate(B, A, 1)
+    with pytest.raises(ValueError, match=message):
+        spectrum(B, A)
+
+
+def test_bad_split():
+    with pytest.raises(ValueError, match=r"split 'svd' is not one of \['us', 'sqrt'\]"):
+        allocate(*factors(5, 5, 2), 1, split="svd")
