@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from raflora.math import (
     aggregate,
     aggregation,
+    allocate,
     available_methods,
     partition_bounds,
     partition_weights,
@@ -373,3 +374,15 @@ GOOD_B, GOOD_A = np.ones((4, 2)), np.ones((2, 3))
 def test_bad_inputs_name_the_client(factors, weights, message):
     with pytest.raises(ValueError, match=message):
         aggregate("flexlora", factors, weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_is_kept():
+    factors = [(torch.randn(8, r, device="cuda"), torch.randn(r, 6, device="cuda")) for r in (1, 3)]
+    for method in METHODS:
+        B, A = aggregate(method, factors, [1, 2])
+        assert B.device.type == "cuda" and A.device.type == "cuda"
+    Br, Ar = allocate(B, A, 2)
+    assert Br.device.type == "cuda" and Ar.device.type == "cuda"
+    with pytest.raises(ValueError, match="client 1: B is on cpu"):
+        aggregate("flexlora", [factors[0], (factors[1][0].cpu(), factors[1][1].cpu())], [1, 1])

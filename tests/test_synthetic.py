@@ -111,6 +111,15 @@ def test_fedit_runs_with_equal_ranks_and_progress_bar():
     assert results["fedit"]["rel_error"] != results["raflora"]["rel_error"]
 
 
+def test_merge_mode_flexlora_equals_flora():
+    """flora and flexlora aggregate to the same product, so in merge mode they coincide."""
+    config = dataclasses.replace(
+        SMALL, methods=("flora", "flexlora"), merge_methods=("flora", "flexlora")
+    )
+    results = run(config, None, progress=False)
+    assert results["flora"]["rel_error"] == pytest.approx(results["flexlora"]["rel_error"])
+
+
 def test_summarize(default_run):
     text = summarize(default_run[0])
     assert "raflora" in text and "flexlora" in text and "rel. error" in text
@@ -130,6 +139,7 @@ def test_summarize(default_run):
         ({"spectrum": "steep"}, "spectrum"),
         ({"carry_over": "some"}, "carry_over"),
         ({"methods": ("nope",)}, "methods"),
+        ({"merge_methods": ("nope",)}, "merge_methods"),
         ({"sizes": (1.0, 2.0)}, "sizes"),
         ({"decay": 0.0}, "decay"),
         ({"non_iid": -0.1}, "non_iid"),

@@ -11,8 +11,11 @@ Each round the server aggregates the sampled clients with one registered method 
 factors (B_g, A_g) and allocates every client its rank by truncated SVD
 (``allocate(B_g, A_g, ranks)``: B = U_r S_r, A = V_rᵀ); round 1 starts from LoRA's init
 (B = 0, A random). Every method gets the same targets, client sampling, initial factors,
-local steps and allocation; only the aggregation differs. ``flora`` is run as its paper
-intends: the aggregate is merged into W_base and clients restart from LoRA's init each round.
+local steps and allocation; only the aggregation differs. Methods in ``merge_methods`` (by
+default ``flora``, as its paper intends) instead merge each round's aggregate into W_base, and
+their clients restart from LoRA's init every round. With partial participation, raFLoRA keeps
+the directions of the global update that no sampled client holds (``carry_over``), as the
+federated engine does; the baselines stay as published unless ``carry_over="all"``.
 
 The mechanism: with rank-agnostic averaging, direction i of the global update comes back only
 from the clients allocated it (r_k ≥ i), so each round keeps a share c_i = Σ_{r_k ≥ i} p_k of
@@ -56,12 +59,13 @@ log = logging.getLogger(__name__)
 
 SPECTRA = ("flat", "linear", "geometric")
 CARRY_OVER = ("raflora", "all", "none")
-MERGE_METHODS = ("flora",)  # merged into the base each round, clients restart from LoRA init
 Factors = tuple[Tensor, Tensor]  # (m, r), (r, n), float64
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    """The synthetic experiment's settings; every field is validated on construction."""
+
     m: int = 64  # rows of the target update W* (output size of the adapted layer)
     n: int = 64  # columns of W* (input size)
     target_rank: int = 16  # rank r* of W*
@@ -75,11 +79,13 @@ class SyntheticConfig:
     lr: float = 0.1  # local learning rate
     fraction: float = 1.0  # share of clients sampled each round (at least one)
     methods: tuple[str, ...] = ()  # methods to compare; empty = all registered
-    carry_over: str = "raflora"  # keep unsampled high directions: "raflora", "all" or "none"
+    carry_over: str = "raflora"  # who keeps the global directions (top sampled rank, r_max]
+    # when no sampled client holds them (partial participation): "raflora", "all" or "none"
+    merge_methods: tuple[str, ...] = ("flora",)  # merged into the base each round (FLoRA style)
     seed: int = 0  # seeds the target, client data, sampling and LoRA inits
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "methods"):
+        for name in ("ranks", "methods", "merge_methods"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.sizes is not None:
             object.__setattr__(self, "sizes", tuple(float(s) for s in self.sizes))
@@ -98,16 +104,17 @@ class SyntheticConfig:
             raise ValueError("sizes must give one non-negative size per client, not all zero")
         _check_choice("spectrum", self.spectrum, SPECTRA)
         _check_choice("carry_over", self.carry_over, CARRY_OVER)
-        for name, value, ok in [
-            ("decay", self.decay, 0 < self.decay <= 1),
-            ("non_iid", self.non_iid, self.non_iid >= 0),
-            ("lr", self.lr, self.lr > 0),
-            ("fraction", self.fraction, 0 < self.fraction <= 1),
+        for name, value, ok, allowed in [
+            ("decay", self.decay, 0 < self.decay <= 1, "in (0, 1]"),
+            ("non_iid", self.non_iid, self.non_iid >= 0, "≥ 0"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("fraction", self.fraction, 0 < self.fraction <= 1, "in (0, 1]"),
         ]:
             if not ok:
-                raise ValueError(f"{name} = {value!r} is out of range")
-        for method in self.methods:
-            _check_choice("methods", method, tuple(available_methods()))
+                raise ValueError(f"{name} = {value!r} must be {allowed}")
+        for name in ("methods", "merge_methods"):
+            for method in getattr(self, name):
+                _check_choice(name, method, tuple(available_methods()))
 
     @property
     def client_sizes(self) -> tuple[float, ...]:
@@ -252,7 +259,7 @@ def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: No
     r_min, r_max = min(config.ranks), max(config.ranks)
     bounds = partition_bounds(config.ranks)
     carry = config.carry_over == "all" or config.carry_over == method
-    merge = method in MERGE_METHODS
+    merge = method in config.merge_methods
     target_norm = torch.linalg.norm(task.target)
     global_: Factors | None = None
     out: dict[str, list] = {k: [] for k in ("round", "rel_error", "top_rmin_energy")}
@@ -346,14 +353,11 @@ def run(config: SyntheticConfig, out_dir: Path | None = None, progress: bool = T
     return results
 
 
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("raflora", "numpy", "torch"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_outputs(
@@ -367,7 +371,10 @@ def write_outputs(
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     run_info = {
         "config": dataclasses.asdict(config),
-        "versions": _versions(),
+        "versions": {
+            "python": platform.python_version(),
+            **{p: _version(p) for p in ("raflora", "numpy", "torch")},
+        },
         "methods": list(results),
         "skipped": skipped,
         "partition_bounds": bounds,
@@ -376,29 +383,20 @@ def write_outputs(
         "notes": {
             m: "merged into the base each round; clients restart from LoRA init"
             for m in results
-            if m in MERGE_METHODS
+            if m in config.merge_methods
         },
         "wall_time_s": round(wall_s, 3),
     }
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     _write_csv(out_dir / "metrics.csv", results, bounds)
-    rounds = next(iter(results.values()))["round"] if results else []
+    plots = out_dir / "plots"
+    energy = {m: r["partition_energy"] for m, r in results.items()}
+    title = "Energy share of the global update per rank partition"
     plot_partition_energy(
-        {m: r["partition_energy"] for m, r in results.items()},
-        bounds,
-        out_dir / "plots" / "partition_energy.png",
-        rounds=rounds,
-        target=target,
-        title="Energy share of the global update per rank partition",
+        energy, bounds, plots / "partition_energy.png", target=target, title=title
     )
-    plot_series(
-        {m: r["rel_error"] for m, r in results.items()},
-        out_dir / "plots" / "rel_error.png",
-        rounds=rounds,
-        ylabel="‖ΔW − W*‖ / ‖W*‖",
-        title="Relative error",
-        log=True,
-    )
+    errors = {m: r["rel_error"] for m, r in results.items()}
+    plot_series(errors, plots / "rel_error.png", ylabel="‖ΔW − W*‖ / ‖W*‖", log=True)
 
 
 def _write_csv(path: Path, results: dict, bounds: Sequence[int]) -> None:
@@ -410,18 +408,10 @@ def _write_csv(path: Path, results: dict, bounds: Sequence[int]) -> None:
         writer.writerow(
             ["method", "round", "rel_error", "top_rmin_energy", "effective_rank", *energy_cols]
         )
+        keys = ("round", "rel_error", "top_rmin_energy", "effective_rank", "partition_energy")
         for method, r in results.items():
-            for i, t in enumerate(r["round"]):
-                writer.writerow(
-                    [
-                        method,
-                        t,
-                        r["rel_error"][i],
-                        r["top_rmin_energy"][i],
-                        r["effective_rank"][i],
-                        *r["partition_energy"][i],
-                    ]
-                )
+            for *values, energy in zip(*(r[k] for k in keys), strict=True):
+                writer.writerow([method, *values, *energy])
 
 
 def summarize(results: dict) -> str:
