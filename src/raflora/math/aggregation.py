@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,7 @@ class FlexloraOptions:
     def __post_init__(self) -> None:
         t = self.norm_target
         if t is not None and (
-            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0
+            isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0
         ):
             raise ValueError(f"norm_target must be a finite number ≥ 0 or None, got {t!r}")
 
@@ -264,7 +265,7 @@ def flexlora(c: Clients, opts: FlexloraOptions) -> tuple[Tensor, Tensor]:
         norm = float(_frobenius(B, A))
         if norm == 0.0 and opts.norm_target > 0:
             raise ValueError("norm_target: the aggregated update is zero and cannot be rescaled")
-        B = B * (opts.norm_target / norm if norm > 0 else 0.0)
+        B = B * (float(opts.norm_target) / norm if norm > 0 else 0.0)
     return B, A
 
 
