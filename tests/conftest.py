@@ -156,6 +156,16 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread() -> object:
+    """One torch thread for a module's tests, restored afterwards: tiny models gain nothing from
+    more, and on a busy 2-core machine multi-threaded kernels run 5-10× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def raflora_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty private ``$RAFLORA_CACHE`` for one test."""

@@ -21,6 +21,8 @@ from raflora.training.data import (
 )
 from raflora.training.models import load_base_model
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 # --- shipped datasets --------------------------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from raflora.training.factors import (
 )
 from raflora.training.models import build_lora_model, load_base_model
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 
 

@@ -18,6 +18,8 @@ from raflora.training.models import (
     resolve_model,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def _ids(vocab: int = 100, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)

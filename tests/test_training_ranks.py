@@ -17,6 +17,8 @@ from raflora.training.ranks import (
     training_memory_mb,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def test_list_is_used_as_is_or_cycled() -> None:
     assert ranks_from_list([2, 4, 8], 3) == [2, 4, 8]

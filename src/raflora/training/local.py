@@ -1,0 +1,236 @@
+"""Local training (AdamW on the trainable parameters) and evaluation of one client's model.
+
+Data is an encoded dataset from `encode_examples` (shuffled per epoch with the seed and
+batched with its ``collate``) or a plain sequence of ready batches (used in order).
+Losses: the model's own ``loss`` for classification and images; for multiple-choice batches
+(those with ``cont_len``) the mean negative log-likelihood of the gold continuation tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from raflora.training.data.encode import ChoiceDataset
+
+Batch = dict[str, Tensor]
+Regularizer = Callable[[nn.Module], Tensor]
+
+
+def configure_threads(num_threads: int) -> None:
+    """``torch.set_num_threads(num_threads)`` when positive; 0 keeps torch's default. Call it
+    once per process (e.g. per simulated client) before training."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` (dropout etc.) without disturbing the caller's RNG state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def continuation_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per row of a left-padded choice batch: Σ log p(continuation token | prefix), and the
+    number of continuation tokens ``cont_len``.
+
+    The last K = max(cont_len) tokens are predicted by logits at positions T-K-1 … T-2, so only
+    K+1 logit rows per sequence are computed when the model supports ``logits_to_keep``.
+    Position ids count real tokens only, so left padding does not shift positions.
+    """
+    ids, mask, cont_len = batch["input_ids"], batch["attention_mask"], batch["cont_len"]
+    K = int(cont_len.max())
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if _keeps_logits(model):
+        kwargs["logits_to_keep"] = K + 1
+    logits = model(**kwargs).logits[:, -(K + 1) : -1].float()  # (B, K, V)
+    targets = ids[:, -K:]  # (B, K)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]  # (B, K)
+    scored = torch.arange(K, device=ids.device) >= (K - cont_len)[:, None]  # (B, K)
+    return torch.where(scored, logp, torch.zeros_like(logp)).sum(-1), cont_len
+
+
+def batch_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Mean training loss of one batch (see the module docstring)."""
+    if "cont_len" in batch:
+        logp, count = continuation_logprobs(model, batch)
+        return -logp.sum() / count.sum()
+    return model(**batch).loss
+
+
+def _batches(data: Dataset | Sequence[Batch], batch_size: int, seed: int) -> Iterator[Batch]:
+    """Endless stream: seeded reshuffle each epoch for datasets; ready batches in order."""
+    if len(data) == 0:
+        raise ValueError("no training data")
+    if not isinstance(data, Dataset):
+        while True:
+            yield from data
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield data.collate([data[i] for i in order[start : start + batch_size]])
+
+
+def _size(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _num_steps(
+    data: Dataset | Sequence[Batch], batch_size: int, steps: int | None, epochs: int | None
+) -> int:
+    if bool(steps) == bool(epochs):
+        raise ValueError(
+            f"give exactly one of steps and epochs as a positive number "
+            f"(got steps={steps}, epochs={epochs})"
+        )
+    if steps:
+        return int(steps)
+    per_epoch = math.ceil(len(data) / batch_size) if isinstance(data, Dataset) else len(data)
+    return int(epochs) * per_epoch  # type: ignore[arg-type]
+
+
+def train_local(
+    model: nn.Module,
+    batches_or_dataset: Dataset | Sequence[Batch],
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    seed: int,
+    regularizer: Regularizer | None = None,
+) -> dict[str, float]:
+    """Train the model's trainable parameters with a fresh AdamW for ``steps`` optimiser steps
+    or ``epochs`` passes (exactly one), clipping the gradient norm at ``grad_clip`` (0 = off).
+
+    Loss per step: ``batch_loss + regularizer(model)`` (e.g. HetLoRA's λ·tail norm). Returns
+    ``train_loss`` (mean batch loss, without the regulariser), ``regularizer`` (its mean),
+    ``num_examples`` (examples seen, counting repeats), ``num_distinct_examples`` (local data
+    size), ``steps`` and ``seconds``. Deterministic for a given seed.
+    """
+    data = batches_or_dataset
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    total_steps = _num_steps(data, batch_size, steps, epochs)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device, start = _device(model), time.perf_counter()
+    losses, penalties, seen = [], [], 0
+    was_training = model.training
+    model.train()
+    with _seeded(seed, device):
+        stream = _batches(data, batch_size, seed)
+        for step in range(total_steps):
+            batch = {key: value.to(device) for key, value in next(stream).items()}
+            loss = batch_loss(model, batch)
+            penalty = regularizer(model) if regularizer is not None else torch.zeros(())
+            if not torch.isfinite(loss + penalty):
+                raise FloatingPointError(f"non-finite training loss at local step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            (loss + penalty).backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            penalties.append(penalty.item())
+            seen += _size(batch)
+    model.train(was_training)
+    distinct = len(data) if isinstance(data, Dataset) else sum(_size(b) for b in data)
+    return {
+        "train_loss": float(np.mean(losses)),
+        "regularizer": float(np.mean(penalties)),
+        "num_examples": seen,
+        "num_distinct_examples": distinct,
+        "steps": total_steps,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _evaluate_logits(model: nn.Module, data: Dataset, batch_size: int) -> dict[str, float]:
+    device, loss_sum, correct = _device(model), 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()  # (B, num_labels)
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    return {
+        "loss": loss_sum / len(data),
+        "accuracy": correct / len(data),
+        "num_examples": len(data),
+    }
+
+
+def _evaluate_choices(model: nn.Module, data: ChoiceDataset, batch_size: int) -> dict[str, float]:
+    device = _device(model)
+    scores: list[list[tuple[float, int]]] = [[] for _ in range(len(data))]
+    for batch, questions in data.choice_batches(batch_size):
+        logp, count = continuation_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        for q, lp, n in zip(questions, logp.tolist(), count.tolist(), strict=True):
+            scores[q].append((lp, n))
+    gold = np.array([item["answer"] for item in data.items])
+    total = [np.array([lp for lp, _ in s]) for s in scores]
+    per_token = [np.array([lp / n for lp, n in s]) for s in scores]
+    right_norm = np.array([int(np.argmax(s)) for s in per_token]) == gold
+    right_sum = np.array([int(np.argmax(s)) for s in total]) == gold
+    metrics = {
+        "loss": float(np.mean([-per_token[q][g] for q, g in enumerate(gold)])),
+        "accuracy": float(right_norm.mean()),
+        "accuracy_sum": float(right_sum.mean()),
+        "num_examples": len(data),
+    }
+    tasks = np.array([item["task"] for item in data.items])
+    if len(set(tasks)) > 1:
+        for task in sorted(set(tasks)):
+            metrics[f"accuracy/{task}"] = float(right_norm[tasks == task].mean())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int) -> dict[str, float]:
+    """Loss and accuracy on an encoded dataset (in order, no gradient, eval mode).
+
+    Classification / images: mean cross-entropy and argmax accuracy. Multiple-choice: each
+    choice is scored by its continuation log-likelihood; ``accuracy`` picks the best mean
+    log-prob per token (length-normalised), ``accuracy_sum`` the best sum; ``loss`` is the gold
+    continuation's mean NLL per token; ``accuracy/<task>`` per task when tasks are mixed.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(data, ChoiceDataset):
+            return _evaluate_choices(model, data, batch_size)
+        return _evaluate_logits(model, data, batch_size)
+    finally:
+        model.train(was_training)
