@@ -1,0 +1,296 @@
+"""One validated configuration for a federated run, loaded from TOML plus `--set` overrides.
+
+Every field has a default, so an empty file is a valid (tiny) run. Sections mirror the three
+layers: what to fine-tune (`model`, `data`, `clients`, `train`), how to federate
+(`federation`, `eval`), where to write (`run`), how to execute (`simulation`).
+
+Errors are one line per problem, naming the dotted field and what is allowed, e.g.
+``clients.ranks: rank must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already formatted as ``field: what is wrong`` lines."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunSection(_Section):
+    name: str = "run"  # run folder name: outputs go to <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of run folders
+    seed: int = 0  # one seed for data split, partitions, ranks, LoRA init, client sampling
+
+
+class ModelSection(_Section):
+    path: str = (
+        "minilm"  # shipped alias (minilm, smollm2-135m, vit-tiny), local folder, cached hub id
+    )
+    task: Literal["classification", "causal-lm", "image-classification"] = "classification"
+    target_modules: list[str] = []  # LoRA targets; empty = defaults for the architecture
+    lora_alpha: PositiveFloat = 16.0  # LoRA alpha; scaling alpha/r (or alpha/sqrt(r) with rslora)
+    rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout on the LoRA input
+    max_length: PositiveInt = 64  # tokens per example (text tasks)
+
+    @field_validator("path")
+    @classmethod
+    def _model_exists(cls, path: str) -> str:
+        from raflora.training.models import resolve_model
+
+        resolve_model(path)  # raises ValueError naming what was tried and the aliases
+        return path
+
+
+class DataSection(_Section):
+    name: str = "rotten_tomatoes"  # shipped dataset name(s), comma-separated, or a file/folder path
+    train_size: Annotated[int, Field(ge=0)] = 0  # examples kept for training (0 = all)
+    test_size: Annotated[int, Field(ge=0)] = 0  # held-out examples for server evaluation (0 = all)
+    text_field: str | None = None  # column holding the text (general loader)
+    label_field: str | None = None  # column holding the label (general loader)
+    partition: Literal["iid", "dirichlet"] = "dirichlet"  # how training data is split
+    dirichlet_alpha: PositiveFloat = 0.5  # label skew: small = very non-IID
+    min_client_size: PositiveInt = 8  # every client gets at least this many examples
+    local_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # client-side eval split
+
+
+class ClientsSection(_Section):
+    num_clients: PositiveInt = 3  # number of clients (Flower SuperNodes)
+    ranks: list[int] | None = None  # explicit rank per client (cycled if shorter)
+    rank_tiers: dict[int, float] | None = None  # {rank: fraction}, fractions sum to 1
+    memory_budgets_mb: list[float] | None = None  # per client: largest candidate rank that fits
+    candidate_ranks: list[int] = [2, 4, 8, 16, 32, 64]  # ranks considered for memory budgets
+
+    @field_validator("ranks", "candidate_ranks")
+    @classmethod
+    def _ranks_positive(cls, ranks: list[int] | None) -> list[int] | None:
+        if ranks is not None:
+            if not ranks:
+                raise ValueError("needs at least one rank")
+            for rank in ranks:
+                if rank < 1:
+                    raise ValueError(f"rank must be >= 1 (got {rank})")
+        return ranks
+
+    @field_validator("rank_tiers")
+    @classmethod
+    def _tiers_valid(cls, tiers: dict[int, float] | None) -> dict[int, float] | None:
+        if tiers is not None:
+            if any(rank < 1 for rank in tiers):
+                raise ValueError(f"tier ranks must be >= 1 (got {sorted(tiers)})")
+            if any(share < 0 for share in tiers.values()):
+                raise ValueError("tier fractions must be >= 0")
+            if abs(sum(tiers.values()) - 1.0) > 1e-6:
+                raise ValueError(f"tier fractions must sum to 1 (got {sum(tiers.values()):g})")
+        return tiers
+
+    @model_validator(mode="after")
+    def _one_rank_source(self) -> ClientsSection:
+        given = [
+            name
+            for name in ("ranks", "rank_tiers", "memory_budgets_mb")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give only one of ranks, rank_tiers, memory_budgets_mb (got {given})")
+        budgets = self.memory_budgets_mb
+        if budgets is not None and len(budgets) not in (1, self.num_clients):
+            raise ValueError(
+                f"memory_budgets_mb needs 1 or num_clients={self.num_clients} values "
+                f"(got {len(budgets)})"
+            )
+        return self
+
+
+class FederationSection(_Section):
+    method: str = "raflora"  # aggregation method from the registry (`raflora methods`)
+    rounds: PositiveInt = 2  # federated rounds
+    fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of clients sampled per round
+    min_clients: PositiveInt = 1  # fewest successful replies for a round to count
+    apply: Literal["adapter", "merge"] = "adapter"  # keep global update as LoRA, or merge it
+    carry_over: bool | None = None  # keep uncovered directions; default: on for raflora only
+    split: Literal["us", "sqrt"] = "us"  # how allocation splits singular values between B and A
+    options: dict[str, Any] = {}  # method options, e.g. {weighting = "energy"} for raflora
+    round_timeout_s: PositiveFloat = 3600.0  # a round waits at most this long for replies
+    evaluate_clients: bool = True  # clients also report accuracy on their local validation split
+    max_update_norm: PositiveFloat | None = None  # bound on a client's ‖ΔW‖_F per module
+    norm_policy: Literal["reject", "clip"] = "reject"  # what to do with an update above the bound
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, method: str) -> str:
+        from raflora.math import available_methods
+
+        known = available_methods()
+        if method not in known:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(known)}")
+        return method
+
+    @property
+    def carry_over_enabled(self) -> bool:
+        """Carry-over default: on for raflora (its natural extension), off for baselines."""
+        return self.method == "raflora" if self.carry_over is None else self.carry_over
+
+
+class TrainSection(_Section):
+    local_steps: Annotated[int, Field(ge=0)] = 10  # optimiser steps per round (0: use epochs)
+    local_epochs: Annotated[int, Field(ge=0)] = 0  # passes over local data per round
+    batch_size: PositiveInt = 16  # examples per step
+    lr: PositiveFloat = 5e-4  # AdamW learning rate
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # AdamW weight decay
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # max grad norm (0 = off)
+    hetlora_lambda: Annotated[float, Field(ge=0)] = 0.0  # HetLoRA tail regulariser strength
+    hetlora_gamma: Annotated[float, Field(gt=0, lt=1)] = 0.99  # HetLoRA pruning ratio
+    hetlora_prune_threshold: Annotated[float, Field(ge=0)] = 0.0  # prune when tail norm below
+    threads: Annotated[int, Field(ge=0)] = 1  # torch threads per client (0 = torch default)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSection:
+        if (self.local_steps > 0) == (self.local_epochs > 0):
+            raise ValueError("set exactly one of local_steps and local_epochs to a positive value")
+        return self
+
+
+class EvalSection(_Section):
+    batch_size: PositiveInt = 64  # evaluation batch size
+    every: PositiveInt = 1  # server-side evaluation every this many rounds (and the last)
+
+
+class SimulationSection(_Section):
+    num_cpus_per_client: PositiveFloat = 1.0  # Ray resources per client
+    num_gpus_per_client: Annotated[float, Field(ge=0)] = 0.0  # Ray GPU share per client
+
+
+class FaultsSection(_Section):
+    """Fault injection for robustness tests: which clients misbehave, seeded per round."""
+
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # share of clients failing each round
+    mode: Literal["raise", "stall", "vanish"] = "raise"  # exception / too slow / process exits
+    stall_s: Annotated[float, Field(ge=0)] = 30.0  # how long a stalling client sleeps
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    clients: ClientsSection = ClientsSection()
+    federation: FederationSection = FederationSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    simulation: SimulationSection = SimulationSection()
+    faults: FaultsSection = FaultsSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        ranks = self.clients.ranks
+        if self.federation.method == "fedit" and ranks is not None and len(set(ranks)) > 1:
+            raise ValueError(
+                f"federation.method: fedit needs equal ranks (clients.ranks: {sorted(set(ranks))})"
+            )
+        if self.federation.min_clients > self.clients.num_clients:
+            raise ValueError(
+                f"federation.min_clients={self.federation.min_clients} exceeds "
+                f"clients.num_clients={self.clients.num_clients}"
+            )
+        sampled = max(1, round(self.federation.fraction_train * self.clients.num_clients))
+        if self.federation.min_clients > sampled:
+            raise ValueError(
+                f"federation.min_clients={self.federation.min_clients} exceeds the "
+                f"{sampled} clients sampled per round (fraction_train="
+                f"{self.federation.fraction_train} of {self.clients.num_clients})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        data = self.to_dict()
+        if "rank_tiers" in data["clients"]:  # TOML keys are strings
+            data["clients"]["rank_tiers"] = {
+                str(k): v for k, v in data["clients"]["rank_tiers"].items()
+            }
+        return tomli_w.dumps(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as TOML (``2``, ``[2,4]``, ``true``) or,
+    failing that, taken as a plain string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    path = [part.strip() for part in key.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {assignment!r}: key must look like section.key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each ``section.key=value`` applied."""
+    merged = json.loads(json.dumps(data))
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `raflora run --help` lists the fields)"
+        elif "input" in item and item["type"] not in ("value_error", "missing"):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{field}: {message}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict into a `Config`, raising `ConfigError` with one line per problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or nothing, for the defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,136 @@
+"""Checkpoints of the server state: safetensors for arrays, JSON for the rest, no pickle.
+
+Layout of ``<run>/checkpoints/round_XXX/``: ``state.safetensors`` (keys
+``adapter/<module>/{U,S,Vt}``, ``merged/<module>/{U,S,Vt}``, ``dense/<name>``) and
+``state.json`` (round, client ranks, metric history, resolved config, the SHA-256 of the
+arrays file). A checkpoint is written into a temporary folder and renamed into place, so a
+crash leaves either the whole checkpoint or none; loading checks the hash and the keys and
+raises `CheckpointError` rather than returning a half-loaded state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from raflora.federation.global_state import GlobalState, SVDUpdate
+
+FORMAT_VERSION = 1
+ARRAYS = "state.safetensors"
+META = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, tampered with, or of another format."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for kind, updates in (("adapter", state.adapter), ("merged", state.merged)):
+        for name, update in updates.items():
+            for part in ("U", "S", "Vt"):
+                arrays[f"{kind}/{name}/{part}"] = np.ascontiguousarray(getattr(update, part))
+    for name, value in state.dense.items():
+        arrays[f"dense/{name}"] = np.ascontiguousarray(value)
+    return arrays
+
+
+def _unflatten(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> GlobalState:
+    groups: dict[str, dict[str, SVDUpdate]] = {"adapter": {}, "merged": {}}
+    for kind in groups:
+        for name in meta[kind]:
+            try:
+                parts = [arrays[f"{kind}/{name}/{p}"] for p in ("U", "S", "Vt")]
+            except KeyError as missing:
+                raise CheckpointError(f"checkpoint lacks array {missing}") from None
+            groups[kind][name] = SVDUpdate(*parts)
+    dense = {name: arrays[f"dense/{name}"] for name in meta["dense"]}
+    expected = len(_flatten(GlobalState(0, groups["adapter"], groups["merged"], dense, {})))
+    if expected != len(arrays):
+        raise CheckpointError(
+            f"checkpoint has {len(arrays)} arrays, its state.json names {expected}"
+        )
+    ranks = {int(pid): int(rank) for pid, rank in meta["ranks"].items()}
+    return GlobalState(meta["round"], groups["adapter"], groups["merged"], dense, ranks)
+
+
+def checkpoint_dir(run_dir: Path, round_number: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round_{round_number:03d}"
+
+
+def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any]) -> Path:
+    """Write round `state.round` atomically; `extra` (history, config…) goes into the JSON."""
+    final = checkpoint_dir(run_dir, state.round)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_flatten(state), str(tmp / ARRAYS))
+    meta = {
+        "format": FORMAT_VERSION,
+        "round": state.round,
+        "adapter": sorted(state.adapter),
+        "merged": sorted(state.merged),
+        "dense": sorted(state.dense),
+        "ranks": {str(pid): rank for pid, rank in sorted(state.ranks.items())},
+        "sha256": _sha256(tmp / ARRAYS),
+        **extra,
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    for path in (tmp / ARRAYS, tmp / META):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[GlobalState, dict[str, Any]]:
+    """Load and verify one checkpoint folder; returns the state and its JSON metadata."""
+    path = Path(path)
+    meta_path, arrays_path = path / META, path / ARRAYS
+    if not meta_path.is_file() or not arrays_path.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (needs {META} and {ARRAYS})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}"
+        )
+    if _sha256(arrays_path) != meta.get("sha256"):
+        raise CheckpointError(
+            f"{arrays_path}: SHA-256 does not match {META} (truncated or modified)"
+        )
+    try:
+        arrays = load_file(str(arrays_path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{arrays_path}: unreadable ({error})") from None
+    return _unflatten(arrays, meta), meta
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    rounds = sorted(p for p in root.glob("round_*") if (p / META).is_file())
+    return rounds[-1] if rounds else None

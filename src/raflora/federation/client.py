@@ -1,0 +1,168 @@
+"""A client's work in one round, without Flower: build the rank-r_k model, train, report.
+
+The client receives its allocated factors (``B (m, r)``, ``A (r, n)``, scaling folded in),
+unfolds them into a PEFT LoRA model of its rank, trains locally, and returns the folded
+factors of the trained model. In merge mode it first adds the server's merged update to the
+base weights, ``W ← W + B_g A_g``, and starts from a fresh LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raflora.config import Config
+from raflora.federation import task
+from raflora.math.hetlora import prune_rank
+from raflora.training import (
+    configure_threads,
+    evaluate,
+    get_dense_trainables,
+    get_factors,
+    set_dense_trainables,
+    set_factors,
+    train_local,
+)
+
+Factors = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What one client keeps between rounds in a process (rebuilt from the config alone)."""
+
+    config: Config
+    partition_id: int
+    base: nn.Module
+    tokenizer: Any
+    data: task.ClientData
+    rank: int  # the rank this client trains (config, or its node's own `rank` setting)
+
+
+@lru_cache(maxsize=8)
+def client_context(config_json: str, partition_id: int, node_rank: int = 0) -> ClientContext:
+    """Load (once per process) the base model and this client's encoded data."""
+    config = Config.model_validate_json(config_json)
+    if not 0 <= partition_id < config.clients.num_clients:
+        raise ValueError(
+            f"partition-id {partition_id} out of range for clients.num_clients="
+            f"{config.clients.num_clients}"
+        )
+    data = task.load_data(config_json)
+    base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+    local = task.client_data(config, data, partition_id, tokenizer, base)
+    rank = node_rank or task.client_ranks(config, base)[partition_id]
+    return ClientContext(config, partition_id, base, tokenizer, local, rank)
+
+
+def merge_into_base(base: nn.Module, merged: dict[str, Factors]) -> None:
+    """``W ← W + B A`` for each merged module (GPT-2 Conv1D weights are stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        for name, (B, A) in merged.items():
+            layer = base.get_submodule(name)
+            delta = torch.from_numpy(np.asarray(B, np.float32) @ np.asarray(A, np.float32))
+            weight = layer.weight
+            weight += (delta.T if isinstance(layer, Conv1D) else delta).to(weight)
+
+
+def build_round_model(
+    ctx: ClientContext,
+    rank: int,
+    lora: dict[str, Factors],
+    merged: dict[str, Factors],
+    dense: dict[str, np.ndarray],
+    seed: int,
+) -> nn.Module:
+    """The model a client starts the round from."""
+    base = ctx.base
+    if merged:  # merge mode: a private copy of the base with the global update merged in
+        base = copy.deepcopy(base)
+        merge_into_base(base, merged)
+    model = task.lora_model(ctx.config, base, rank, seed)
+    set_factors(model, lora, seed=seed)
+    if dense:
+        set_dense_trainables(model, {k: torch.from_numpy(v) for k, v in dense.items()})
+    return model
+
+
+def _numpy(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Factors]:
+    return {name: (B.numpy(), A.numpy()) for name, (B, A) in factors.items()}
+
+
+def hetlora_prune(config: Config, factors: dict[str, Factors]) -> dict[str, Factors]:
+    """HetLoRA self-pruning: the client's new rank is the largest any module still needs."""
+    train = config.train
+    if config.federation.method != "hetlora" or train.hetlora_prune_threshold == 0:
+        return factors
+    new_rank = max(
+        prune_rank(B, A, train.hetlora_gamma, train.hetlora_prune_threshold)
+        for B, A in factors.values()
+    )
+    return {name: (B[:, :new_rank].copy(), A[:new_rank].copy()) for name, (B, A) in factors.items()}
+
+
+def train_round(
+    ctx: ClientContext,
+    server_round: int,
+    rank: int,
+    lora: dict[str, Factors],
+    merged: dict[str, Factors],
+    dense: dict[str, np.ndarray],
+) -> tuple[dict[str, Factors], dict[str, np.ndarray], dict[str, float]]:
+    """Train for one round; returns the folded factors, dense trainables and metrics."""
+    config, start = ctx.config, time.perf_counter()
+    configure_threads(config.train.threads)
+    seed = task.derived_seed(config.run.seed, "client", server_round, ctx.partition_id)
+    model = build_round_model(ctx, rank, lora, merged, dense, seed)
+    train = config.train
+    result = train_local(
+        model,
+        ctx.data.train,
+        steps=train.local_steps or None,
+        epochs=train.local_epochs or None,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        grad_clip=train.grad_clip,
+        seed=seed,
+        regularizer=task.hetlora_regularizer(config),
+    )
+    factors = hetlora_prune(config, _numpy(get_factors(model)))
+    new_dense = {name: t.numpy() for name, t in get_dense_trainables(model).items()}
+    metrics = {
+        "num-examples": ctx.data.num_examples,
+        "train-loss": float(result["train_loss"]),
+        "rank": next(iter(factors.values()))[1].shape[0] if factors else rank,
+        "partition-id": ctx.partition_id,
+        "seconds": time.perf_counter() - start,
+        "train-seconds": float(result["seconds"]),
+    }
+    return factors, new_dense, metrics
+
+
+def evaluate_round(
+    ctx: ClientContext,
+    rank: int,
+    lora: dict[str, Factors],
+    merged: dict[str, Factors],
+    dense: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """Local validation metrics of the global model at this client's rank."""
+    if ctx.data.val is None:
+        return {"num-examples": 0}
+    configure_threads(ctx.config.train.threads)
+    model = build_round_model(ctx, rank, lora, merged, dense, seed=ctx.config.run.seed)
+    result = evaluate(model, ctx.data.val, batch_size=ctx.config.eval.batch_size)
+    metrics = {f"val-{key.replace('/', '-')}": float(v) for key, v in result.items()}
+    metrics["num-examples"] = int(result.get("num_examples", len(ctx.data.val)))
+    metrics.pop("val-num_examples", None)
+    return metrics

@@ -1,0 +1,92 @@
+"""Server-side evaluation of the global model on the held-out test set.
+
+The global model is the base plus the full global update ``ΔW = U S Vᵀ`` per module (rank
+``R ≤ Σ r_k``), loaded as a LoRA of rank ``max_modules R`` (modules of lower rank are padded
+with zero-product directions, so the adapter reproduces ``ΔW`` exactly) plus the dense heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raflora.config import Config
+from raflora.federation import task
+from raflora.federation.global_state import GlobalState
+from raflora.training import (
+    evaluate,
+    get_dense_trainables,
+    lora_shapes,
+    set_dense_trainables,
+    set_factors,
+    take,
+)
+
+
+def global_rank(state: GlobalState) -> int:
+    return max((u.rank for u in state.total_update().values()), default=0)
+
+
+def global_model(config: Config, base: nn.Module, state: GlobalState, rank: int | None = None):
+    """PEFT model holding the global update (truncated to `rank` if given) and dense heads."""
+    updates = state.total_update()
+    top = global_rank(state) if rank is None else rank
+    model = task.lora_model(config, base, max(top, 1), seed=config.run.seed)
+    factors = {name: update.factors(top) for name, update in updates.items()}
+    set_factors(model, factors, seed=config.run.seed)
+    if state.dense:
+        set_dense_trainables(model, {k: torch.from_numpy(v) for k, v in state.dense.items()})
+    return model
+
+
+@dataclass
+class ServerEvaluator:
+    """Holds the base model and the encoded test set; evaluates global states."""
+
+    config: Config
+    base: nn.Module
+    tokenizer: Any
+    test: Any
+
+    @classmethod
+    def load(cls, config: Config) -> ServerEvaluator:
+        config_json = config.to_json()
+        data = task.load_data(config_json)
+        base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+        test = task.encode(config, take(data.test, range(len(data.test))), tokenizer, base)
+        return cls(config, base, tokenizer, test)
+
+    def initial_state(self) -> GlobalState:
+        """Round 0: no LoRA update yet, the seeded initial dense heads."""
+        model = task.lora_model(self.config, self.base, 1, seed=self.config.run.seed)
+        dense = {k: v.numpy() for k, v in get_dense_trainables(model).items()}
+        return GlobalState(round=0, adapter={}, merged={}, dense=dense, ranks={})
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        model = task.lora_model(self.config, self.base, 1, seed=0)
+        return {name: (m, n) for name, (m, n, _) in lora_shapes(model).items()}
+
+    def dense_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(np.shape(v)) for name, v in state.dense.items()}
+
+    def model_info(self) -> dict[str, Any]:
+        """What an exported adapter needs besides the factors (JSON-ready)."""
+        head = self.base.config
+        return {
+            "path": self.config.model.path,
+            "task": self.config.model.task,
+            "num_labels": getattr(head, "num_labels", None)
+            if self.config.model.task != "causal-lm"
+            else None,
+            "target_modules": task.target_modules(self.config, self.base),
+            "lora_alpha": self.config.model.lora_alpha,
+            "rslora": self.config.model.rslora,
+        }
+
+    def evaluate(self, state: GlobalState) -> dict[str, float]:
+        model = global_model(self.config, self.base, state)
+        return evaluate(model, self.test, batch_size=self.config.eval.batch_size)

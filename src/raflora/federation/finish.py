@@ -1,0 +1,69 @@
+"""After the last round: plots, the final PEFT adapter and a run summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from raflora.config import Config
+from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint
+from raflora.federation.export import export_run
+from raflora.federation.outputs import versions, write_atomic, write_plots
+
+log = logging.getLogger("raflora")
+
+
+def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Last and best server accuracy, last diagnostics, bytes per round."""
+    evaluated = [r for r in history if r.get("server_accuracy") is not None]
+    trained = [r for r in history if r["round"] > 0 and not r.get("skipped")]
+    last = trained[-1] if trained else {}
+    return {
+        "rounds": max((r["round"] for r in history), default=0),
+        "final_accuracy": evaluated[-1]["server_accuracy"] if evaluated else None,
+        "best_accuracy": max((r["server_accuracy"] for r in evaluated), default=None),
+        "final_loss": evaluated[-1]["server_loss"] if evaluated else None,
+        "top_rmin_energy": last.get("top_rmin_energy"),
+        "effective_rank": last.get("effective_rank"),
+        "norm": last.get("norm"),
+        "bytes_per_round": (
+            sum(r["bytes_sent"] + r["bytes_received"] for r in trained) / len(trained)
+            if trained
+            else 0
+        ),
+        "failed_clients": sum(r.get("failed", 0) for r in history),
+        "rejected_updates": sum(r.get("rejected", 0) for r in history),
+        "skipped_rounds": sum(1 for r in history if r.get("skipped")),
+    }
+
+
+def finish_run(config: Config, run_dir: Path, wall_seconds: float | None = None) -> dict[str, Any]:
+    """Write plots, ``adapter/`` (full-rank global update, PEFT format) and ``run.json``."""
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: the run wrote no checkpoint")
+    _, meta = load_checkpoint(checkpoint)
+    history = meta["history"]
+    write_plots(run_dir, history, meta["bounds"], config.federation.method)
+    adapter_rank = None
+    try:
+        _, adapter_rank = export_run(run_dir, run_dir / "adapter")
+    except ValueError as error:  # e.g. every round skipped: nothing to export
+        log.warning("no adapter exported: %s", error)
+    summary = {
+        "name": config.run.name,
+        "method": config.federation.method,
+        "seed": config.run.seed,
+        "ranks": meta["ranks"],
+        "bounds": meta["bounds"],
+        "adapter_rank": adapter_rank,
+        "wall_seconds": wall_seconds,
+        "versions": versions(),
+        "config": config.to_dict(),
+        **final_metrics(history),
+    }
+    write_atomic(run_dir / "run.json", json.dumps(summary, indent=1))
+    return summary

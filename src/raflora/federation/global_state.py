@@ -1,0 +1,225 @@
+"""Server-side state of a heterogeneous-rank LoRA federation, independent of Flower.
+
+Per target module the server keeps an update as a thin SVD ``ΔW = U diag(S) Vᵀ`` with
+``U (m, R)``, ``S (R,)``, ``Vt (R, n)`` and ``R ≤ Σ_k r_k`` (numerically zero directions
+dropped). Allocating rank ``r`` to a client is then a slice: ``B_r = U_r S_r``, ``A_r = V_rᵀ``
+(split "us", FlexLoRA) or ``U_r √S_r``, ``√S_r V_rᵀ`` (split "sqrt").
+
+Two ways to apply the aggregate of a round (DESIGN.md):
+- adapter mode (FlexLoRA): the aggregate *is* the new global update; clients start from its
+  rank-r_k truncation.
+- merge mode (FLoRA): the aggregate is added to the accumulated update merged into the base
+  weights, ``D_t = D_{t-1} + ΔW_t``; clients start each round from a fresh LoRA.
+
+Carry-over (adapter mode): when the largest sampled rank ``r_s`` is below the largest rank in
+the federation ``r_cap``, directions ``(r_s, r_cap]`` of the previous global update are trained
+by nobody this round. With carry-over they are kept unchanged, ``ΔW_t = agg_t + U_{(r_s,r_cap]}
+S V_{(r_s,r_cap]}ᵀ``: the natural extension of "a partition is averaged over the clients that
+cover it" (here: none, so it keeps its value). Without it they vanish, as in the baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raflora.math import aggregate, factored_svd
+from raflora.math.diagnostics import effective_rank, partition_energy, stable_rank, top_energy
+
+Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
+
+
+@dataclass(frozen=True)
+class SVDUpdate:
+    """``U diag(S) Vt`` of one module's update; ``U (m, R)``, ``S (R,)``, ``Vt (R, n)``."""
+
+    U: np.ndarray
+    S: np.ndarray
+    Vt: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[0])
+
+    @property
+    def norm(self) -> float:
+        return float(np.sqrt(np.sum(self.S.astype(np.float64) ** 2)))
+
+    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
+        """Best rank-`rank` factors (Eckart–Young): a slice of the stored SVD."""
+        r = self.rank if rank is None else min(rank, self.rank)
+        S = self.S[:r]
+        if split == "us":
+            return self.U[:, :r] * S, self.Vt[:r].copy()
+        root = np.sqrt(S)
+        return self.U[:, :r] * root, root[:, None] * self.Vt[:r]
+
+    def tail(self, start: int, stop: int) -> Factors:
+        """Directions ``(start, stop]`` (1-based, inclusive) as factors ``(U S, Vt)``."""
+        return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
+
+
+def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdate:
+    """Thin SVD of ``B @ A`` without forming it, dropping directions with σ below
+    ``max(m, n) · eps(float32) · σ_max`` (numerically zero, as `numpy.linalg.matrix_rank`)."""
+    U, S, Vt = factored_svd(np.asarray(B, np.float64), np.asarray(A, np.float64))
+    if S.size and S[0] > 0:
+        keep = int(np.sum(max(B.shape[0], A.shape[1]) * np.finfo(np.float32).eps * S[0] < S))
+    else:
+        keep = 0
+    return SVDUpdate(U[:, :keep].astype(dtype), S[:keep].astype(dtype), Vt[:keep].astype(dtype))
+
+
+def empty_update(m: int, n: int) -> SVDUpdate:
+    return SVDUpdate(
+        np.zeros((m, 0), np.float32), np.zeros(0, np.float32), np.zeros((0, n), np.float32)
+    )
+
+
+def stack(*parts: Factors) -> Factors:
+    """``Σ_i B_i A_i`` as one pair of factors ``[B_1 … B_p]``, ``[A_1; …; A_p]``."""
+    return np.concatenate([b for b, _ in parts], axis=1), np.concatenate(
+        [a for _, a in parts], axis=0
+    )
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply: folded LoRA factors per module, dense trainables, counts."""
+
+    partition_id: int
+    rank: int
+    num_examples: int
+    factors: dict[str, Factors]
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """Everything the server needs to continue a run after round `round`."""
+
+    round: int
+    adapter: dict[str, SVDUpdate]  # global LoRA update (adapter mode); empty in merge mode
+    merged: dict[str, SVDUpdate]  # update merged into the base weights (merge mode)
+    dense: dict[str, np.ndarray]  # non-LoRA trainables (classifier head), FedAvg'ed
+    ranks: dict[int, int]  # partition-id → rank the client trains next (HetLoRA may prune)
+
+    def client_payload(self, rank: int, split: str) -> dict[str, Factors]:
+        """The factors a client of rank `rank` starts from (adapter mode; empty otherwise)."""
+        return {name: update.factors(rank, split) for name, update in self.adapter.items()}
+
+    def total_update(self) -> dict[str, SVDUpdate]:
+        """The update that defines the global model: adapter, or the merged sum."""
+        return self.adapter if self.adapter else self.merged
+
+
+def weighted_dense_average(updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+    """FedAvg of the dense trainables: ``Σ_k n_k x_k / Σ_k n_k`` (float64 sum, float32 out)."""
+    names = sorted({name for u in updates for name in u.dense})
+    total = float(sum(u.num_examples for u in updates))
+    averaged = {}
+    for name in names:
+        holders = [u for u in updates if name in u.dense]
+        weight = float(sum(u.num_examples for u in holders)) or total
+        acc = sum(u.dense[name].astype(np.float64) * u.num_examples for u in holders)
+        averaged[name] = (acc / weight).astype(np.float32)
+    return averaged
+
+
+def module_diagnostics(S: np.ndarray, bounds: tuple[int, ...]) -> dict[str, float | list[float]]:
+    """Collapse diagnostics of one update from its singular values; `bounds` are the rank
+    partitions' upper ends ρ_1 < … < ρ_M (the federation's distinct ranks)."""
+    return {
+        "top_rmin_energy": float(top_energy(S, bounds[0])),
+        "effective_rank": float(effective_rank(S)),
+        "stable_rank": float(stable_rank(S)),
+        "norm": float(np.sqrt(np.sum(np.asarray(S, np.float64) ** 2))),
+        "partition_energy": [float(x) for x in partition_energy(S, bounds)],
+    }
+
+
+def summarize_modules(per_module: dict[str, dict]) -> dict[str, float | list[float]]:
+    """Mean over modules, plus the worst module for the collapse measures."""
+    values = list(per_module.values())
+    if not values:
+        return {}
+    out: dict[str, float | list[float]] = {}
+    for key in ("top_rmin_energy", "effective_rank", "stable_rank"):
+        column = [v[key] for v in values]
+        out[key] = float(np.mean(column))
+    out["top_rmin_energy_worst"] = float(max(v["top_rmin_energy"] for v in values))
+    out["effective_rank_worst"] = float(min(v["effective_rank"] for v in values))
+    out["norm"] = float(np.sqrt(sum(v["norm"] ** 2 for v in values)))
+    out["partition_energy"] = [
+        float(x) for x in np.mean([v["partition_energy"] for v in values], axis=0)
+    ]
+    return out
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    method: str
+    options: dict
+    apply: str  # "adapter" | "merge"
+    carry_over: bool
+    bounds: tuple[int, ...]  # the federation's distinct ranks ρ_1 < … < ρ_M (r_cap = ρ_M)
+
+    @property
+    def max_rank(self) -> int:
+        return self.bounds[-1]
+
+
+def aggregate_round(
+    state: GlobalState, updates: list[ClientUpdate], settings: RoundSettings
+) -> tuple[GlobalState, dict]:
+    """One server step: aggregate the replies, apply them, report diagnostics.
+
+    Replies are ordered by partition id first, so the floating-point sums (and hence the run)
+    do not depend on the order in which clients answered.
+    """
+    updates = sorted(updates, key=lambda u: u.partition_id)
+    ranks = [u.rank for u in updates]
+    weights = [float(u.num_examples) for u in updates]
+    sampled_max = max(ranks)
+    modules = sorted(updates[0].factors)
+    new_adapter: dict[str, SVDUpdate] = {}
+    new_merged: dict[str, SVDUpdate] = dict(state.merged)
+    per_module: dict[str, dict] = {}
+    carried_energy = []
+    for name in modules:
+        factors = [u.factors[name] for u in updates]
+        agg = aggregate(settings.method, factors, weights, **settings.options)
+        round_update = compress(*agg)
+        if settings.apply == "merge":
+            per_module[name] = module_diagnostics(round_update.S, settings.bounds)
+            previous = state.merged.get(name)
+            parts = [agg] if previous is None else [previous.factors(), agg]
+            new_merged[name] = compress(*stack(*parts))
+            continue
+        previous = state.adapter.get(name)
+        carried = 0.0
+        if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
+            tail = previous.tail(sampled_max, settings.max_rank)
+            if tail[0].shape[1]:
+                carried = float(np.sum(previous.S[sampled_max : settings.max_rank] ** 2))
+                round_update = compress(*stack(agg, tail))
+        new_adapter[name] = round_update
+        per_module[name] = module_diagnostics(round_update.S, settings.bounds)
+        total = float(np.sum(round_update.S.astype(np.float64) ** 2))
+        carried_energy.append(carried / total if total > 0 else 0.0)
+    diagnostics = summarize_modules(per_module)
+    diagnostics["carried_energy_share"] = float(np.mean(carried_energy)) if carried_energy else 0.0
+    diagnostics["global_rank"] = (
+        int(max(u.rank for u in new_adapter.values())) if new_adapter else 0
+    )
+    diagnostics["per_module"] = per_module
+    new_state = GlobalState(
+        round=state.round + 1,
+        adapter=new_adapter,
+        merged=new_merged,
+        dense=weighted_dense_average(updates) or state.dense,
+        ranks=dict(state.ranks) | {u.partition_id: u.rank for u in updates},
+    )
+    return new_state, diagnostics

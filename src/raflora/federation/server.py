@@ -1,0 +1,240 @@
+"""The server's main loop: find clients, run rounds, evaluate, checkpoint, write outputs.
+
+Runs inside a Flower ServerApp (simulation: a thread of the caller's process; deployment: its
+own process). Rounds are driven with ``push_messages``/``pull_messages`` rather than
+`Strategy.start`, because a run must resume at round t, checkpoint every round, time out a
+round and report each client as it finishes; the strategy's four hooks do the work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from raflora.config import Config, ConfigError
+from raflora.federation import messages as msg
+from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from raflora.federation.evaluation import ServerEvaluator
+from raflora.federation.global_state import GlobalState
+from raflora.federation.outputs import write_metrics
+from raflora.federation.progress import LogReporter, Reporter
+from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
+from raflora.federation.validation import Expectation
+
+log = logging.getLogger("raflora")
+RESUMABLE_CHANGES = {("federation", "rounds")}  # may differ between a run and its resumption
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (no clients, duplicate partitions, mismatched resume...)."""
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None]
+) -> list[Message]:
+    """Send, then collect replies until all arrived or `timeout` seconds passed."""
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    interval = min(0.2, float(getattr(grid, "pull_interval", 0.2)))
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            on_reply()
+        if pending:
+            time.sleep(interval)
+    return replies
+
+
+def discover_nodes(grid: Grid, config: Config, timeout: float) -> list[NodeInfo]:
+    """Wait for the clients, then ask each for its partition id, rank and data size."""
+    expected, deadline = config.clients.num_clients, time.monotonic() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected in {timeout}s")
+        time.sleep(0.1)
+    record = ConfigRecord({msg.RUN_CONFIG: config.to_json()})
+    queries = [
+        Message(RecordDict({msg.CONFIG: record}), node, MessageType.QUERY) for node in node_ids
+    ]
+    nodes: dict[int, NodeInfo] = {}
+    for reply in exchange(grid, queries, timeout, lambda: None):
+        if reply.has_error():
+            raise RunAborted(f"client query failed: {reply.error.reason[:500]}")
+        info = reply.content[msg.CONFIG]
+        pid = int(info[msg.PARTITION_ID])
+        if pid in nodes:
+            raise RunAborted(f"two clients claim partition-id {pid}")
+        node = NodeInfo(
+            reply.metadata.src_node_id, pid, int(info[msg.RANK]), int(info[msg.NUM_EXAMPLES])
+        )
+        nodes[pid] = node
+    if len(nodes) < expected:
+        raise RunAborted(f"only {len(nodes)} of {expected} clients answered the query")
+    return [nodes[pid] for pid in sorted(nodes)]
+
+
+def round_record(
+    current: RoundLog, server: dict[str, float] | None, seconds: float
+) -> dict[str, Any]:
+    """One row of metrics.json: counts, losses, accuracies, diagnostics, bytes, failures."""
+    diag, client = current.diagnostics, current.client_eval
+    server = server or {}
+    return {
+        "round": current.round,
+        "sampled": len(current.sampled),
+        "ok": len(current.ok),
+        "failed": len(current.failed),
+        "rejected": len(current.rejected),
+        "clipped_modules": current.clipped_modules,
+        "skipped": current.skipped,
+        "train_loss": current.train_loss if current.ok else None,
+        "server_loss": server.get("loss"),
+        "server_accuracy": server.get("accuracy"),
+        "client_val_accuracy": client.get("val-accuracy"),
+        "client_val_loss": client.get("val-loss"),
+        **{
+            key: diag.get(key)
+            for key in (
+                "top_rmin_energy",
+                "top_rmin_energy_worst",
+                "effective_rank",
+                "effective_rank_worst",
+                "stable_rank",
+                "norm",
+                "carried_energy_share",
+                "global_rank",
+                "partition_energy",
+            )
+        },
+        "bytes_sent": current.bytes_sent,
+        "bytes_received": current.bytes_received,
+        "seconds": seconds,
+        "clients": current.ok,
+        "failures": {str(k): v for k, v in current.failed.items()},
+        "rejections": {str(k): v for k, v in current.rejected.items()},
+        "server_metrics": server,
+        "client_metrics": client,
+        "per_module": diag.get("per_module", {}),
+    }
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key) and (section, key) not in RESUMABLE_CHANGES:
+                diffs.append(f"{section}.{key}: {old.get(key)!r} → {new.get(key)!r}")
+    return diffs
+
+
+class FederatedRun:
+    """One federated run writing into `run_dir`; `main(grid)` is the ServerApp's body."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.reporter = reporter or LogReporter()
+        self.history: list[dict[str, Any]] = []
+        self.state: GlobalState | None = None
+        self.bounds: list[int] = []
+        self.model_info: dict[str, Any] = {}
+
+    def _start(self, evaluator: ServerEvaluator) -> GlobalState:
+        path = latest_checkpoint(self.run_dir) if self.resume else None
+        if path is None:
+            if self.resume:
+                log.warning("--resume: no checkpoint in %s; starting at round 1", self.run_dir)
+            self.history = []
+            return evaluator.initial_state()
+        state, meta = load_checkpoint(path)
+        diffs = _config_differences(meta.get("config", {}), self.config.to_dict())
+        if diffs:
+            raise ConfigError("cannot resume with a different config: " + "; ".join(diffs))
+        self.history = list(meta.get("history", []))
+        log.info("resuming from %s (round %d)", path, state.round)
+        return state
+
+    def main(self, grid: Grid) -> GlobalState:
+        config = self.config
+        evaluator = ServerEvaluator.load(config)
+        state = self._start(evaluator)
+        expectation = Expectation(
+            modules=evaluator.module_shapes(),
+            dense=evaluator.dense_shapes(evaluator.initial_state()),
+            max_norm=config.federation.max_update_norm,
+            norm_policy=config.federation.norm_policy,
+            allow_lower_rank=config.federation.method == "hetlora",
+        )
+        strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
+        strategy.register_nodes(discover_nodes(grid, config, config.federation.round_timeout_s))
+        strategy.summary()
+        self.bounds = list(strategy.settings.bounds)
+        self.model_info = evaluator.model_info()
+        if state.round == 0 and not self.history:
+            self.history.append(round_record(RoundLog(round=0), evaluator.evaluate(state), 0.0))
+        first, last = state.round + 1, config.federation.rounds
+        self.reporter.start(first, last)
+        try:
+            for server_round in range(first, last + 1):
+                self._round(grid, strategy, evaluator, server_round, last)
+        finally:
+            self.reporter.stop()
+        self.state = strategy.state
+        return strategy.state
+
+    def _round(self, grid, strategy, evaluator, server_round: int, last: int) -> None:
+        config, start = self.config, time.perf_counter()
+        timeout = config.federation.round_timeout_s
+        messages = list(
+            strategy.configure_train(server_round, strategy.arrays(), ConfigRecord(), grid)
+        )
+        self.reporter.round_started(server_round, len(messages))
+        replies = exchange(grid, messages, timeout, self.reporter.client_done)
+        strategy.aggregate_train(server_round, replies)
+        evaluations = list(
+            strategy.configure_evaluate(server_round, strategy.arrays(), ConfigRecord(), grid)
+        )
+        strategy.aggregate_evaluate(
+            server_round, exchange(grid, evaluations, timeout, lambda: None)
+        )
+        due = server_round % config.eval.every == 0 or server_round == last
+        server = evaluator.evaluate(strategy.state) if due else None
+        record = round_record(strategy.current, server, time.perf_counter() - start)
+        self.history.append(record)
+        extra = {
+            "history": self.history,
+            "config": config.to_dict(),
+            "bounds": self.bounds,
+            "model": self.model_info,
+        }
+        save_checkpoint(self.run_dir, strategy.state, extra)
+        write_metrics(self.run_dir, self.history, self.bounds)
+        self.reporter.round_done(record)
+
+
+def load_run_summary(run_dir: Path) -> dict[str, Any]:
+    """metrics.json of a finished or interrupted run."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (is this a run folder?)")
+    return {"history": json.loads(path.read_text())}

@@ -1,0 +1,68 @@
+"""Run a federated job as a Flower simulation (Ray backend) from a validated config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from raflora.config import Config
+from raflora.federation.progress import Reporter
+
+log = logging.getLogger("raflora")
+
+
+def quiet_flower() -> None:
+    """Less Flower/Ray chatter; must run before `flwr` is first imported to take effect."""
+    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def backend_config(config: Config) -> dict[str, Any]:
+    """Ray resources: one actor per `num_cpus_per_client` CPUs, a small object store."""
+    sim = config.simulation
+    return {
+        "client_resources": {
+            "num_cpus": sim.num_cpus_per_client,
+            "num_gpus": sim.num_gpus_per_client,
+        },
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "object_store_memory": 256 * 1024**2,
+            "log_to_driver": False,
+            "logging_level": "ERROR",
+        },
+    }
+
+
+def run_federated(
+    config: Config,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Simulate the whole run and write its outputs; returns the run summary (run.json)."""
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from raflora.federation.client_app import app as client_app
+    from raflora.federation.finish import finish_run
+    from raflora.federation.outputs import write_config
+    from raflora.federation.server_app import make_server_app
+
+    run_dir = Path(run_dir or Path(config.run.out_dir) / config.run.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    start = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(config, run_dir, resume=resume, reporter=reporter),
+        client_app=client_app,
+        num_supernodes=config.clients.num_clients,
+        backend_config=backend_config(config),
+    )
+    return finish_run(config, run_dir, wall_seconds=time.perf_counter() - start)

@@ -1,0 +1,284 @@
+"""Flower strategy for heterogeneous-rank LoRA: allocate by SVD, aggregate by registry method.
+
+Each round, for every sampled client k of rank r_k the strategy sends the best rank-r_k share
+of the global update (a slice of its stored SVD, one decomposition per module per round),
+receives the trained factors ``B_k (m, r_k)``, ``A_k (r_k, n)`` (LoRA scaling folded in) and
+``num-examples``, validates them, and aggregates with the configured method of
+`raflora.math.aggregate` (see `global_state.aggregate_round`). FedAvg's aggregation cannot be
+used: client arrays differ in shape.
+
+The global state lives in the strategy; the ``arrays`` argument of the Flower hooks is not read
+(it is whatever `arrays()` last returned). Clients are known by partition id: Flower node ids
+change from run to run, partition ids do not, which keeps sampling and resumption
+reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from raflora.config import Config
+from raflora.federation import messages as msg
+from raflora.federation.global_state import (
+    ClientUpdate,
+    GlobalState,
+    RoundSettings,
+    aggregate_round,
+)
+from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+
+log = logging.getLogger("raflora")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    rank: int
+    num_examples: int
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, for metrics and the progress display."""
+
+    round: int
+    sampled: list[int] = field(default_factory=list)
+    ok: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    clipped_modules: int = 0
+    skipped: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    train_loss: float = float("nan")
+    diagnostics: dict = field(default_factory=dict)
+    client_eval: dict = field(default_factory=dict)
+
+
+def weighted_mean(values: list[tuple[float, float]]) -> float:
+    """``Σ w x / Σ w`` over ``(x, w)`` pairs; NaN when there are none."""
+    total = sum(w for _, w in values)
+    return float(sum(x * w for x, w in values) / total) if total > 0 else float("nan")
+
+
+class HeteroRankStrategy(Strategy):
+    """Rank-heterogeneous FedLoRA strategy (FlexLoRA-style SVD allocation + any method).
+
+    Parameters
+    ----------
+    config : Config
+        The validated run configuration (method, options, sampling, apply mode...).
+    state : GlobalState
+        The state to start from (round 0, or a checkpoint).
+    expectation : Expectation
+        Module shapes and bounds used to validate replies.
+    """
+
+    def __init__(self, *, config: Config, state: GlobalState, expectation: Expectation) -> None:
+        self.config = config
+        self.state = state
+        self.expectation = expectation
+        self.config_json = config.to_json()
+        self.nodes: dict[int, NodeInfo] = {}  # partition id → node
+        self.current: RoundLog = RoundLog(round=state.round)
+        fed = config.federation
+        self.settings = RoundSettings(
+            method=fed.method,
+            options=dict(fed.options),
+            apply=fed.apply,
+            carry_over=fed.carry_over_enabled,
+            bounds=(1,),
+        )
+
+    # ------------------------------------------------------------------ nodes and sampling
+    def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
+        """Record the clients found by the query round; ranks already in the state win."""
+        for node in nodes:
+            rank = self.state.ranks.get(node.partition_id, node.rank)
+            self.nodes[node.partition_id] = NodeInfo(
+                node.node_id, node.partition_id, rank, node.num_examples
+            )
+        ranks = {n.rank for n in self.nodes.values()} | set(self.state.ranks.values())
+        self.settings = replace(self.settings, bounds=tuple(sorted(ranks)))
+
+    def sample(self, server_round: int) -> list[int]:
+        """Seeded sample of partition ids: ``max(1, round(fraction · K))`` of them."""
+        pids = sorted(self.nodes)
+        count = max(1, round(self.config.federation.fraction_train * len(pids)))
+        rng = np.random.default_rng([self.config.run.seed, server_round])
+        return sorted(pids[i] for i in rng.choice(len(pids), size=count, replace=False))
+
+    def rank_of(self, partition_id: int) -> int:
+        return self.state.ranks.get(partition_id, self.nodes[partition_id].rank)
+
+    # ------------------------------------------------------------------ messages
+    def _payload(self, partition_id: int) -> ArrayRecord:
+        rank = self.rank_of(partition_id)
+        lora = self.state.client_payload(rank, self.config.federation.split)
+        merged = {name: update.factors() for name, update in self.state.merged.items()}
+        return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
+
+    def _config(self, server_round: int, partition_id: int, base: ConfigRecord) -> ConfigRecord:
+        record = ConfigRecord(dict(base))  # copy: never write into the caller's record
+        record[msg.SERVER_ROUND] = server_round
+        record[msg.RANK] = self.rank_of(partition_id)
+        record[msg.RUN_CONFIG] = self.config_json
+        return record
+
+    def _messages(
+        self, server_round: int, config: ConfigRecord, kind: str, pids: list[int]
+    ) -> list[Message]:
+        out = []
+        for pid in pids:
+            content = RecordDict(
+                {
+                    msg.ARRAYS: self._payload(pid),
+                    msg.CONFIG: self._config(server_round, pid, config),
+                }
+            )
+            node = self.nodes[pid].node_id
+            ttl = self.config.federation.round_timeout_s + 60.0
+            out.append(Message(content, node, kind, group_id=str(server_round), ttl=ttl))
+        return out
+
+    def arrays(self) -> ArrayRecord:
+        """The global update as the record a rank-r_max client would receive."""
+        top = max((n.rank for n in self.nodes.values()), default=1)
+        return msg.pack(lora=self.state.client_payload(top, self.config.federation.split))
+
+    # ------------------------------------------------------------------ Flower hooks
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients and send each its rank-r_k share of the global update."""
+        sampled = self.sample(server_round)
+        self.current = RoundLog(round=server_round, sampled=sampled)
+        out = self._messages(server_round, config, MessageType.TRAIN, sampled)
+        self.current.bytes_sent = sum(m.content[msg.ARRAYS].count_bytes() for m in out)
+        return out
+
+    def _node_to_pid(self) -> dict[int, int]:
+        return {node.node_id: pid for pid, node in self.nodes.items()}
+
+    def _accept(self, reply: Message, pid: int) -> ClientUpdate | None:
+        log_ = self.current
+        if reply.has_error():
+            log_.failed[pid] = f"client error {reply.error.code}: {reply.error.reason[:200]}"
+            return None
+        try:
+            record = reply.content.array_records.get(msg.ARRAYS)
+            metrics = reply.content.metric_records.get(msg.METRICS)
+            if record is None or metrics is None:
+                raise RejectedUpdate("reply lacks its arrays or metrics record")
+            lora, _, dense = msg.unpack(record)
+            update, clipped = check_update(
+                pid,
+                lora,
+                dense,
+                metrics.get(msg.NUM_EXAMPLES),
+                self.rank_of(pid),
+                self.expectation,
+                metrics=dict(metrics),
+            )
+        except (RejectedUpdate, msg.MessageFormatError) as error:
+            log_.rejected[pid] = str(error)
+            return None
+        log_.bytes_received += record.count_bytes()
+        log_.clipped_modules += clipped
+        return update
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate the good ones, keep the old state if too few remain."""
+        by_node = self._node_to_pid()
+        updates: list[ClientUpdate] = []
+        answered = set()
+        for reply in replies:
+            pid = by_node.get(reply.metadata.src_node_id)
+            if pid is None or pid not in self.current.sampled:
+                continue
+            answered.add(pid)
+            update = self._accept(reply, pid)
+            if update is not None:
+                updates.append(update)
+        for pid in sorted(set(self.current.sampled) - answered):
+            self.current.failed[pid] = "no reply before the round timeout"
+        for pid, reason in sorted({**self.current.failed, **self.current.rejected}.items()):
+            log.warning("round %d: client %d dropped: %s", server_round, pid, reason)
+        self.current.ok = sorted(u.partition_id for u in updates)
+        if len(updates) < self.config.federation.min_clients:
+            log.warning(
+                "round %d skipped: %d valid replies < min_clients=%d; global update kept",
+                server_round,
+                len(updates),
+                self.config.federation.min_clients,
+            )
+            self.current.skipped = True
+            self.state = GlobalState(
+                server_round,
+                self.state.adapter,
+                self.state.merged,
+                self.state.dense,
+                self.state.ranks,
+            )
+            return None, None
+        self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
+        self.current.diagnostics = diagnostics
+        self.current.train_loss = weighted_mean(
+            [(u.metrics.get(msg.TRAIN_LOSS, float("nan")), u.num_examples) for u in updates]
+        )
+        total = sum(u.num_examples for u in updates)
+        return self.arrays(), MetricRecord(
+            {"num-examples": total, "train-loss": self.current.train_loss}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask the clients of this round to evaluate the new global model at their rank."""
+        if not self.config.federation.evaluate_clients or self.current.skipped:
+            return []
+        return self._messages(server_round, config, MessageType.EVALUATE, self.current.ok)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the clients' local validation metrics."""
+        results: dict[str, list[tuple[float, float]]] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content.metric_records.get(msg.METRICS)
+            if metrics is None:
+                continue
+            weight = float(metrics.get(msg.NUM_EXAMPLES, 0))
+            for key, value in metrics.items():
+                if key != msg.NUM_EXAMPLES and isinstance(value, (int, float)):
+                    results.setdefault(key, []).append((float(value), weight))
+        summary = {key: weighted_mean(values) for key, values in results.items()}
+        self.current.client_eval = summary
+        return MetricRecord(summary) if summary else None
+
+    def summary(self) -> None:
+        fed = self.config.federation
+        log.info(
+            "HeteroRankStrategy(method=%s, options=%s, apply=%s, carry_over=%s, fraction=%s, "
+            "min_clients=%d, clients=%d, ranks=%s)",
+            fed.method,
+            fed.options,
+            fed.apply,
+            self.settings.carry_over,
+            fed.fraction_train,
+            fed.min_clients,
+            len(self.nodes),
+            {pid: self.rank_of(pid) for pid in sorted(self.nodes)},
+        )

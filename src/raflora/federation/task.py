@@ -1,0 +1,178 @@
+"""What a run trains on, derived from the `Config` alone (Flower's ``task.py``).
+
+Server and clients call the same functions with the same config and seed, so they agree on
+the data split, every client's share and rank, and the initial head without exchanging them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from raflora.config import Config
+from raflora.math.hetlora import tail_regularizer
+from raflora.training import (
+    TaskData,
+    build_lora_model,
+    default_target_modules,
+    encode_examples,
+    live_factors,
+    load_base_model,
+    load_task_data,
+    lora_params_per_rank,
+    partition_dirichlet,
+    partition_iid,
+    ranks_from_list,
+    ranks_from_memory,
+    ranks_from_tiers,
+    take,
+)
+from raflora.training.ranks import base_memory_mb
+
+DEFAULT_RANKS = (2, 4, 8)
+
+
+def derived_seed(seed: int, *parts: int | str) -> int:
+    """A 31-bit seed for one purpose, e.g. ``derived_seed(seed, "train", round, client)``."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+@lru_cache(maxsize=2)
+def load_data(config_json: str) -> TaskData:
+    """The task's train/test examples (cached per process: clients reuse it across rounds)."""
+    config = Config.model_validate_json(config_json)
+    data = config.data
+    return load_task_data(
+        data.name,
+        task=config.model.task,
+        seed=config.run.seed,
+        train_size=data.train_size or None,
+        test_size=data.test_size or None,
+        text_field=data.text_field,
+        label_field=data.label_field,
+    )
+
+
+def partition_labels(data: TaskData) -> np.ndarray:
+    """What non-IID skew is over: the class, or the source task in a multiple-choice mixture."""
+    if data.kind == "multiple-choice" and len(data.tasks) > 1:
+        names = sorted(data.tasks)
+        return np.array([names.index(example.task) for example in data.train], dtype=np.int64)
+    return data.labels("train")
+
+
+def client_shares(config: Config, data: TaskData) -> list[np.ndarray]:
+    """Indices into ``data.train`` per client, reproducible from the seed."""
+    num, seed = config.clients.num_clients, derived_seed(config.run.seed, "partition")
+    if config.data.partition == "iid":
+        return partition_iid(len(data.train), num, seed)
+    return partition_dirichlet(
+        partition_labels(data),
+        num,
+        config.data.dirichlet_alpha,
+        seed,
+        min_size=config.data.min_client_size,
+    )
+
+
+def local_split(config: Config, share: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a client's share into local train / local validation indices (seeded)."""
+    fraction = config.data.local_val_fraction
+    n_val = round(fraction * len(share)) if fraction > 0 and len(share) > 1 else 0
+    order = np.random.default_rng(derived_seed(config.run.seed, "val", client)).permutation(share)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def target_modules(config: Config, base: nn.Module) -> list[str]:
+    return list(config.model.target_modules) or default_target_modules(base)
+
+
+def client_ranks(config: Config, base: nn.Module | None = None) -> list[int]:
+    """Every client's LoRA rank from the configured source (list, tiers or memory budgets)."""
+    clients = config.clients
+    if clients.rank_tiers is not None:
+        return ranks_from_tiers(clients.num_clients, clients.rank_tiers, config.run.seed)
+    if clients.memory_budgets_mb is not None:
+        if base is None:
+            raise ValueError("memory-budget ranks need the base model")
+        budgets = list(clients.memory_budgets_mb)
+        budgets = budgets * clients.num_clients if len(budgets) == 1 else budgets
+        per_rank = lora_params_per_rank(base, target_modules(config, base))
+        return ranks_from_memory(budgets, per_rank, base_memory_mb(base), clients.candidate_ranks)
+    return ranks_from_list(list(clients.ranks or DEFAULT_RANKS), clients.num_clients)
+
+
+@lru_cache(maxsize=2)
+def load_base(config_json: str, num_labels: int) -> tuple[nn.Module, Any]:
+    """Base model and tokenizer (cached per process; callers deep-copy before wrapping)."""
+    config = Config.model_validate_json(config_json)
+    return load_base_model(
+        config.model.path, config.model.task, num_labels=num_labels, seed=config.run.seed
+    )
+
+
+def model_num_labels(config: Config, data: TaskData) -> int | None:
+    return None if config.model.task == "causal-lm" else data.num_labels
+
+
+def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Module:
+    """A PEFT LoRA model of rank `rank` on a private copy of `base`."""
+    model = config.model
+    return build_lora_model(
+        copy.deepcopy(base),
+        rank,
+        model.lora_alpha,
+        target_modules(config, base),
+        rslora=model.rslora,
+        dropout=model.lora_dropout,
+        seed=seed,
+    )
+
+
+def encode(config: Config, examples: list, tokenizer: Any, base: nn.Module) -> Any:
+    """Tensors for a list of examples (tokenised text, or images sized for the model)."""
+    model_config = getattr(base, "config", None)
+    return encode_examples(
+        examples,
+        tokenizer=tokenizer,
+        max_length=config.model.max_length,
+        image_size=getattr(model_config, "image_size", None),
+        num_channels=getattr(model_config, "num_channels", 1),
+    )
+
+
+def hetlora_regularizer(config: Config) -> Any:
+    """HetLoRA's tail penalty ``λ Σ_modules ‖B[:, γr:]‖·‖A[γr:, :]‖``, or None when λ = 0."""
+    strength, gamma = config.train.hetlora_lambda, config.train.hetlora_gamma
+    if config.federation.method != "hetlora" or strength == 0:
+        return None
+
+    def penalty(model: nn.Module) -> Any:
+        terms = [tail_regularizer(B, A, gamma) for B, A in live_factors(model).values()]
+        return strength * sum(terms)
+
+    return penalty
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's encoded local data."""
+
+    train: Any
+    val: Any | None
+    num_examples: int  # distinct local training examples (the aggregation weight)
+
+
+def client_data(config: Config, data: TaskData, client: int, tokenizer: Any, base: nn.Module):
+    share = client_shares(config, data)[client]
+    train_idx, val_idx = local_split(config, share, client)
+    train = encode(config, take(data.train, train_idx), tokenizer, base)
+    val = encode(config, take(data.train, val_idx), tokenizer, base) if len(val_idx) else None
+    return ClientData(train, val, len(train_idx))
