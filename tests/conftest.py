@@ -20,6 +20,8 @@ TINY_LLAMA = {  # LLaMA shape in miniature: 4 query heads sharing 2 key/value he
     "rms_norm_eps": 1e-5,
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Byte-level BPE: single bytes, plus merges making " A" … " D" one token each (as in SmolLM2).
+MERGES = ["Ġ A", "Ġ B", "Ġ C", "Ġ D"]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,8 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> torch.nn.Module:
     from tokenizers import pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokens = SPECIAL_TOKENS + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
+    merged = [merge.replace(" ", "") for merge in MERGES]
+    tokens = SPECIAL_TOKENS + sorted(pre_tokenizers.ByteLevel.alphabet()) + merged
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokens),
@@ -85,7 +88,7 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> torch.nn.Module:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(tokens) - len(SPECIAL_TOKENS)))
-    writer.add_token_merges(["Ġ t"])
+    writer.add_token_merges(MERGES)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)

@@ -256,11 +256,14 @@ def test_choice_encoding_left_pads_and_keeps_the_answer(tiny_llama_dir: Path) ->
     batch = data.collate([data[0], data[1]])
     ids, mask, cont = batch["input_ids"], batch["attention_mask"], batch["cont_len"]
     assert ids.shape == (2, 32) and mask[1].all() and not mask[0, 0]  # left padding
-    assert cont.tolist() == [2, 4]  # " B" / " yes" in byte-level tokens
-    assert tokenizer.decode(ids[0, -2:]) == " B" and tokenizer.decode(ids[1, -4:]) == " yes"
+    assert cont.tolist() == [1, 4]  # " B" is one token, " yes" four bytes
+    assert tokenizer.decode(ids[0, -1:]) == " B" and tokenizer.decode(ids[1, -4:]) == " yes"
     assert tokenizer.decode(ids[1, :-4]).endswith("\nAnswer:")  # prompt truncated on the left
-    pairs = list(data.choice_batches(batch_size=3))
-    assert [q.tolist() for _, q in pairs] == [[0, 0, 1], [1]]
+    assert data.single_token(0) and not data.single_token(1)
+    prompts = list(data.prompt_batches([1, 0], batch_size=3))  # shortest prompt first
+    assert prompts[0][1] == [0, 1] and prompts[0][0]["cont_len"].tolist() == [0, 0]
+    pairs = [rows for _, rows in data.choice_batches([0, 1], batch_size=3)]
+    assert pairs == [[(0, 0), (0, 1), (1, 1)], [(1, 0)]]  # " no" is shorter than " yes"
 
 
 def test_image_encoding_normalises_and_resizes() -> None:

@@ -49,6 +49,20 @@ def test_resolve_unknown_names_model_path_and_aliases(name: str) -> None:
     assert "hub id" in message and "directory" in message
 
 
+def test_hub_id_resolves_only_from_the_local_cache(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert Path(resolve_model("acme/tiny")) == snapshot
+    with pytest.raises(ValueError, match="acme/other"):
+        resolve_model("acme/other")
+
+
 def test_cached_aliases_are_not_built_without_materialize(raflora_cache: Path) -> None:
     for alias in ("vit-tiny", "smollm2-135m"):
         folder = Path(resolve_model(alias, materialize=False))

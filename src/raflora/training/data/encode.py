@@ -4,8 +4,9 @@
   right-padded to the longest sequence in the batch, truncated to ``max_length``.
 - Multiple-choice for causal LMs → ``prompt ⧺ continuation`` token ids, **left**-padded so every
   continuation ends at the last position; ``cont_len`` says how many trailing tokens are
-  scored. Training uses the gold continuation; `ChoiceDataset.choice_batches` yields every
-  (question, choice) pair for log-likelihood scoring.
+  scored. Training uses the gold continuation; scoring uses `ChoiceDataset.prompt_batches`
+  (all choices one token: one forward per question) or `ChoiceDataset.choice_batches` (one
+  sequence per question and choice).
 - Images → ``pixel_values`` (C, S, S) scaled to [-1, 1] (ViT's mean = std = 0.5) and resized to
   the model's ``image_size``.
 """
@@ -87,15 +88,35 @@ class ChoiceDataset(Dataset):
         """Training batch: each prompt followed by its gold continuation."""
         return self._batch([(it["prompt"], it["choices"][it["answer"]]) for it in items])
 
-    def choice_batches(self, batch_size: int) -> Iterator[tuple[dict[str, Tensor], np.ndarray]]:
-        """Batches over all (question, choice) pairs and, per row, the question's index."""
-        pairs = [(q, c) for q, item in enumerate(self.items) for c in range(len(item["choices"]))]
+    def single_token(self, question: int) -> bool:
+        """Whether every continuation of a question is one token (e.g. answer letters)."""
+        return all(len(choice) == 1 for choice in self.items[question]["choices"])
+
+    def prompt_batches(
+        self, questions: Sequence[int], batch_size: int
+    ) -> Iterator[tuple[dict[str, Tensor], list[int]]]:
+        """Left-padded prompts alone (``cont_len`` 0), shortest first, with their question
+        indices: one forward scores all single-token choices from the last position."""
+        order = sorted(questions, key=lambda q: len(self.items[q]["prompt"]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield self._batch([(self.items[q]["prompt"], []) for q in chunk]), chunk
+
+    def choice_batches(
+        self, questions: Sequence[int], batch_size: int
+    ) -> Iterator[tuple[dict[str, Tensor], list[tuple[int, int]]]]:
+        """Batches of prompt ⧺ choice for every (question, choice) pair, shortest first, with
+        the pairs each row scores."""
+        pairs = [(q, c) for q in questions for c in range(len(self.items[q]["choices"]))]
+        pairs.sort(
+            key=lambda p: len(self.items[p[0]]["prompt"]) + len(self.items[p[0]]["choices"][p[1]])
+        )
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = self._batch(
                 [(self.items[q]["prompt"], self.items[q]["choices"][c]) for q, c in chunk]
             )
-            yield batch, np.array([q for q, _ in chunk])
+            yield batch, chunk
 
 
 class ImageDataset(Dataset):
