@@ -27,13 +27,18 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 class RunSection(_Section):
-    name: str = "run"  # run folder name: outputs go to <out_dir>/<name>/
-    out_dir: str = "runs"  # parent folder of run folders
-    seed: int = 0  # one seed for data split, partitions, ranks, LoRA init, client sampling
+    name: str = "run"
+    """run folder name: outputs go to <out_dir>/<name>/"""
+    out_dir: str = "runs"
+    """parent folder of run folders"""
+    seed: int = 0
+    """one seed for data split, partitions, ranks, LoRA init, client sampling"""
 
 
 class ModelSection(_Section):
@@ -41,11 +46,16 @@ class ModelSection(_Section):
         "minilm"  # shipped alias (minilm, smollm2-135m, vit-tiny), local folder, cached hub id
     )
     task: Literal["classification", "causal-lm", "image-classification"] = "classification"
-    target_modules: list[str] = []  # LoRA targets; empty = defaults for the architecture
-    lora_alpha: PositiveFloat = 16.0  # LoRA alpha; scaling alpha/r (or alpha/sqrt(r) with rslora)
-    rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout on the LoRA input
-    max_length: PositiveInt = 64  # tokens per example (text tasks)
+    target_modules: list[str] = []
+    """LoRA targets; empty = defaults for the architecture"""
+    lora_alpha: PositiveFloat = 16.0
+    """LoRA alpha; scaling alpha/r (or alpha/sqrt(r) with rslora)"""
+    rslora: bool = False
+    """rank-stabilised scaling alpha/sqrt(r)"""
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """dropout on the LoRA input"""
+    max_length: PositiveInt = 64
+    """tokens per example (text tasks)"""
 
     @field_validator("path")
     @classmethod
@@ -57,23 +67,37 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    name: str = "rotten_tomatoes"  # shipped dataset name(s), comma-separated, or a file/folder path
-    train_size: Annotated[int, Field(ge=0)] = 0  # examples kept for training (0 = all)
-    test_size: Annotated[int, Field(ge=0)] = 0  # held-out examples for server evaluation (0 = all)
-    text_field: str | None = None  # column holding the text (general loader)
-    label_field: str | None = None  # column holding the label (general loader)
-    partition: Literal["iid", "dirichlet"] = "dirichlet"  # how training data is split
-    dirichlet_alpha: PositiveFloat = 0.5  # label skew: small = very non-IID
-    min_client_size: PositiveInt = 8  # every client gets at least this many examples
-    local_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # client-side eval split
+    name: str = "rotten_tomatoes"
+    """shipped dataset name(s), comma-separated, or a file/folder path"""
+    train_size: Annotated[int, Field(ge=0)] = 0
+    """examples kept for training (0 = all)"""
+    test_size: Annotated[int, Field(ge=0)] = 0
+    """held-out examples for server evaluation (0 = all)"""
+    text_field: str | None = None
+    """column holding the text (general loader)"""
+    label_field: str | None = None
+    """column holding the label (general loader)"""
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    """how training data is split"""
+    dirichlet_alpha: PositiveFloat = 0.5
+    """label skew: small = very non-IID"""
+    min_client_size: PositiveInt = 8
+    """every client gets at least this many examples"""
+    local_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """client-side eval split"""
 
 
 class ClientsSection(_Section):
-    num_clients: PositiveInt = 3  # number of clients (Flower SuperNodes)
-    ranks: list[int] | None = None  # explicit rank per client (cycled if shorter)
-    rank_tiers: dict[int, float] | None = None  # {rank: fraction}, fractions sum to 1
-    memory_budgets_mb: list[float] | None = None  # per client: largest candidate rank that fits
-    candidate_ranks: list[int] = [2, 4, 8, 16, 32, 64]  # ranks considered for memory budgets
+    num_clients: PositiveInt = 3
+    """number of clients (Flower SuperNodes)"""
+    ranks: list[int] | None = None
+    """explicit rank per client (cycled if shorter)"""
+    rank_tiers: dict[int, float] | None = None
+    """{rank: fraction}, fractions sum to 1"""
+    memory_budgets_mb: list[float] | None = None
+    """per client: largest candidate rank that fits"""
+    candidate_ranks: list[int] = [2, 4, 8, 16, 32, 64]
+    """ranks considered for memory budgets"""
 
     @field_validator("ranks", "candidate_ranks")
     @classmethod
@@ -117,18 +141,30 @@ class ClientsSection(_Section):
 
 
 class FederationSection(_Section):
-    method: str = "raflora"  # aggregation method from the registry (`raflora methods`)
-    rounds: PositiveInt = 2  # federated rounds
-    fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of clients sampled per round
-    min_clients: PositiveInt = 1  # fewest successful replies for a round to count
-    apply: Literal["adapter", "merge"] = "adapter"  # keep global update as LoRA, or merge it
-    carry_over: bool | None = None  # keep uncovered directions; default: on for raflora only
-    split: Literal["us", "sqrt"] = "us"  # how allocation splits singular values between B and A
-    options: dict[str, Any] = {}  # method options, e.g. {weighting = "energy"} for raflora
-    round_timeout_s: PositiveFloat = 3600.0  # a round waits at most this long for replies
-    evaluate_clients: bool = True  # clients also report accuracy on their local validation split
-    max_update_norm: PositiveFloat | None = None  # bound on a client's ‖ΔW‖_F per module
-    norm_policy: Literal["reject", "clip"] = "reject"  # what to do with an update above the bound
+    method: str = "raflora"
+    """aggregation method from the registry (`raflora methods`)"""
+    rounds: PositiveInt = 2
+    """federated rounds"""
+    fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """share of clients sampled per round"""
+    min_clients: PositiveInt = 1
+    """fewest successful replies for a round to count"""
+    apply: Literal["adapter", "merge"] = "adapter"
+    """keep global update as LoRA, or merge it"""
+    carry_over: bool | None = None
+    """keep uncovered directions; default: on for raflora only"""
+    split: Literal["us", "sqrt"] = "us"
+    """how allocation splits singular values between B and A"""
+    options: dict[str, Any] = {}
+    """method options, e.g. {weighting = "energy"} for raflora"""
+    round_timeout_s: PositiveFloat = 3600.0
+    """a round waits at most this long for replies"""
+    evaluate_clients: bool = True
+    """clients also report accuracy on their local validation split"""
+    max_update_norm: PositiveFloat | None = None
+    """bound on a client's ‖ΔW‖_F per module"""
+    norm_policy: Literal["reject", "clip"] = "reject"
+    """what to do with an update above the bound"""
 
     @field_validator("method")
     @classmethod
@@ -147,16 +183,26 @@ class FederationSection(_Section):
 
 
 class TrainSection(_Section):
-    local_steps: Annotated[int, Field(ge=0)] = 10  # optimiser steps per round (0: use epochs)
-    local_epochs: Annotated[int, Field(ge=0)] = 0  # passes over local data per round
-    batch_size: PositiveInt = 16  # examples per step
-    lr: PositiveFloat = 5e-4  # AdamW learning rate
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # AdamW weight decay
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # max grad norm (0 = off)
-    hetlora_lambda: Annotated[float, Field(ge=0)] = 0.0  # HetLoRA tail regulariser strength
-    hetlora_gamma: Annotated[float, Field(gt=0, lt=1)] = 0.99  # HetLoRA pruning ratio
-    hetlora_prune_threshold: Annotated[float, Field(ge=0)] = 0.0  # prune when tail norm below
-    threads: Annotated[int, Field(ge=0)] = 1  # torch threads per client (0 = torch default)
+    local_steps: Annotated[int, Field(ge=0)] = 10
+    """optimiser steps per round (0: use epochs)"""
+    local_epochs: Annotated[int, Field(ge=0)] = 0
+    """passes over local data per round"""
+    batch_size: PositiveInt = 16
+    """examples per step"""
+    lr: PositiveFloat = 5e-4
+    """AdamW learning rate"""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay"""
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    """max grad norm (0 = off)"""
+    hetlora_lambda: Annotated[float, Field(ge=0)] = 0.0
+    """HetLoRA tail regulariser strength"""
+    hetlora_gamma: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    """HetLoRA pruning ratio"""
+    hetlora_prune_threshold: Annotated[float, Field(ge=0)] = 0.0
+    """prune when tail norm below"""
+    threads: Annotated[int, Field(ge=0)] = 1
+    """torch threads per client (0 = torch default)"""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSection:
@@ -166,21 +212,28 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    batch_size: PositiveInt = 64  # evaluation batch size
-    every: PositiveInt = 1  # server-side evaluation every this many rounds (and the last)
+    batch_size: PositiveInt = 64
+    """evaluation batch size"""
+    every: PositiveInt = 1
+    """server-side evaluation every this many rounds (and the last)"""
 
 
 class SimulationSection(_Section):
-    num_cpus_per_client: PositiveFloat = 1.0  # Ray resources per client
-    num_gpus_per_client: Annotated[float, Field(ge=0)] = 0.0  # Ray GPU share per client
+    num_cpus_per_client: PositiveFloat = 1.0
+    """Ray resources per client"""
+    num_gpus_per_client: Annotated[float, Field(ge=0)] = 0.0
+    """Ray GPU share per client"""
 
 
 class FaultsSection(_Section):
     """Fault injection for robustness tests: which clients misbehave, seeded per round."""
 
-    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # share of clients failing each round
-    mode: Literal["raise", "stall", "vanish"] = "raise"  # exception / too slow / process exits
-    stall_s: Annotated[float, Field(ge=0)] = 30.0  # how long a stalling client sleeps
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """share of clients failing each round"""
+    mode: Literal["raise", "stall", "vanish"] = "raise"
+    """exception / too slow / process exits"""
+    stall_s: Annotated[float, Field(ge=0)] = 30.0
+    """how long a stalling client sleeps"""
 
 
 class Config(_Section):
