@@ -42,10 +42,10 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    path: str = (
-        "minilm"  # shipped alias (minilm, smollm2-135m, vit-tiny), local folder, cached hub id
-    )
+    path: str = "minilm"
+    """shipped alias (minilm, smollm2-135m, vit-tiny), a local folder, or a cached hub id"""
     task: Literal["classification", "causal-lm", "image-classification"] = "classification"
+    """what the model is fine-tuned for (sequence/image classification, or a causal LM)"""
     target_modules: list[str] = []
     """LoRA targets; empty = defaults for the architecture"""
     lora_alpha: PositiveFloat = 16.0
