@@ -1,0 +1,80 @@
+"""The command line: help, config docs, errors, the synthetic command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from raflora.cli import app
+from raflora.config_docs import as_markdown, fields
+from raflora.math import available_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_methods_lists_every_registered_method():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for method in available_methods():
+        assert method in result.output
+
+
+def test_config_docs_cover_every_field_with_a_description():
+    rows = fields()
+    assert len(rows) > 40
+    for name, _, _, text in rows:
+        assert text, f"{name} has no description"
+
+
+def test_readme_config_table_is_current():
+    assert as_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_run_rejects_bad_config_with_one_line_per_field():
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(ROOT / "examples" / "tiny.toml"),
+            "--set",
+            "clients.ranks=[0, 2]",
+            "--set",
+            "federation.method=nope",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "clients.ranks: rank must be >= 1 (got 0)" in result.output
+    assert "federation.method: unknown method 'nope'" in result.output
+
+
+def test_run_reports_missing_config_file(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output
+
+
+def test_synthetic_command_writes_results(tmp_path):
+    out = tmp_path / "syn"
+    args = ["synthetic", "--out", str(out), "--rounds", "3", "--methods", "raflora,flexlora"]
+    result = runner.invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"raflora", "flexlora"}
+    assert len(results["raflora"]["rel_error"]) == 3
+    assert (out / "plots" / "partition_energy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_command_rejects_bad_option(tmp_path):
+    result = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--fraction", "0"])
+    assert result.exit_code == 2
+    assert "fraction" in result.output
