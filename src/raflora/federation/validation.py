@@ -9,6 +9,7 @@ clips the update to the bound (``B ← B · bound / ‖B A‖_F``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,7 @@ def check_update(
         raise RejectedUpdate(f"modules missing {missing[:3]}, unexpected {extra[:3]}")
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
         raise RejectedUpdate(f"num-examples is {num_examples!r}, expected a positive integer")
-    if num_examples <= 0 or int(num_examples) != num_examples:
+    if not math.isfinite(num_examples) or num_examples <= 0 or int(num_examples) != num_examples:
         raise RejectedUpdate(f"num-examples is {num_examples}, expected a positive integer")
     ranks = set()
     factors, clipped = {}, 0
