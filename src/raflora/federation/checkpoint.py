@@ -3,9 +3,10 @@
 Layout of ``<run>/checkpoints/round_XXX/``: ``state.safetensors`` (keys
 ``adapter/<module>/{U,S,Vt}``, ``merged/<module>/{U,S,Vt}``, ``dense/<name>``) and
 ``state.json`` (round, client ranks, metric history, resolved config, the SHA-256 of the
-arrays file). A checkpoint is written into a temporary folder and renamed into place, so a
-crash leaves either the whole checkpoint or none; loading checks the hash and the keys and
-raises `CheckpointError` rather than returning a half-loaded state.
+arrays file and of its own content). A checkpoint is written into a temporary folder and
+renamed into place, so a crash leaves either the whole checkpoint or none (a failed write
+removes its temporary folder, a failed rewrite keeps the old checkpoint); loading checks both
+hashes and the keys and raises `CheckpointError` rather than returning a half-loaded state.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata without its own digest (canonical JSON)."""
+    body = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _unflatten(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> GlobalState:
     groups: dict[str, dict[str, SVDUpdate]] = {"adapter": {}, "merged": {}}
     for kind in groups:
@@ -79,26 +86,38 @@ def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any]) ->
     final = checkpoint_dir(run_dir, state.round)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_flatten(state), str(tmp / ARRAYS))
-    meta = {
-        "format": FORMAT_VERSION,
-        "round": state.round,
-        "adapter": sorted(state.adapter),
-        "merged": sorted(state.merged),
-        "dense": sorted(state.dense),
-        "ranks": {str(pid): rank for pid, rank in sorted(state.ranks.items())},
-        "sha256": _sha256(tmp / ARRAYS),
-        **extra,
-    }
-    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    for path in (tmp / ARRAYS, tmp / META):
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_file(_flatten(state), str(tmp / ARRAYS))
+        meta = {
+            "format": FORMAT_VERSION,
+            "round": state.round,
+            "adapter": sorted(state.adapter),
+            "merged": sorted(state.merged),
+            "dense": sorted(state.dense),
+            "ranks": {str(pid): rank for pid, rank in sorted(state.ranks.items())},
+            "sha256": _sha256(tmp / ARRAYS),
+            **extra,
+        }
+        meta["meta_sha256"] = _meta_digest(meta)
+        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for path in (tmp / ARRAYS, tmp / META):
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():  # keep the old round until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old.exists() and not final.exists():
+                os.rename(old, final)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -110,12 +129,16 @@ def load_checkpoint(path: Path) -> tuple[GlobalState, dict[str, Any]]:
         raise CheckpointError(f"{path}: incomplete checkpoint (needs {META} and {ARRAYS})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a raflora checkpoint (expected a JSON object)")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}"
         )
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"{meta_path}: SHA-256 does not match its content (modified)")
     if _sha256(arrays_path) != meta.get("sha256"):
         raise CheckpointError(
             f"{arrays_path}: SHA-256 does not match {META} (truncated or modified)"
@@ -124,7 +147,10 @@ def load_checkpoint(path: Path) -> tuple[GlobalState, dict[str, Any]]:
         arrays = load_file(str(arrays_path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{arrays_path}: unreadable ({error})") from None
-    return _unflatten(arrays, meta), meta
+    try:
+        return _unflatten(arrays, meta), meta
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{meta_path}: inconsistent checkpoint ({error!r})") from None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,221 @@
+"""Checkpoints: bit-identical round trip, every kind of damage refused, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raflora.federation import checkpoint as ckpt
+from raflora.federation.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from raflora.federation.global_state import GlobalState, compress
+
+EXTRA = {"history": [{"round": 1, "server_accuracy": 0.5}], "config": {"run": {"seed": 3}}}
+
+
+def state(round_number: int = 2, merged: bool = False) -> GlobalState:
+    rng = np.random.default_rng(round_number)
+    updates = {
+        name: compress(rng.standard_normal((8, 5)), rng.standard_normal((5, 6)))
+        for name in ("bert.encoder.layer.0.attention.self.query", "layer.1.value")
+    }
+    dense = {"classifier.weight": rng.standard_normal((2, 8)).astype(np.float32)}
+    adapter, merged_updates = ({}, updates) if merged else (updates, {})
+    return GlobalState(round_number, adapter, merged_updates, dense, {0: 2, 1: 4, 10: 8})
+
+
+def assert_identical(a: GlobalState, b: GlobalState) -> None:
+    assert (a.round, a.ranks) == (b.round, b.ranks)
+    for kind in ("adapter", "merged"):
+        x, y = getattr(a, kind), getattr(b, kind)
+        assert x.keys() == y.keys()
+        for name in x:
+            for part in ("U", "S", "Vt"):
+                p, q = getattr(x[name], part), getattr(y[name], part)
+                assert p.dtype == q.dtype and p.shape == q.shape
+                assert p.tobytes() == q.tobytes()
+    assert a.dense.keys() == b.dense.keys()
+    assert all(a.dense[k].tobytes() == b.dense[k].tobytes() for k in a.dense)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_save_load_round_trip_is_bit_identical(tmp_path: Path, merged: bool) -> None:
+    original = state(merged=merged)
+    path = save_checkpoint(tmp_path, original, EXTRA)
+    assert path == checkpoint_dir(tmp_path, 2) == tmp_path / "checkpoints" / "round_002"
+    loaded, meta = load_checkpoint(path)
+    assert_identical(original, loaded)
+    assert meta["history"] == EXTRA["history"] and meta["config"] == EXTRA["config"]
+
+
+def test_latest_checkpoint_is_the_highest_complete_round(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    for r in (1, 2, 10):
+        save_checkpoint(tmp_path, state(r), EXTRA)
+    assert latest_checkpoint(tmp_path).name == "round_010"
+    (tmp_path / "checkpoints" / "round_011").mkdir()  # no state.json: not a checkpoint
+    assert latest_checkpoint(tmp_path).name == "round_010"
+
+
+def test_saving_a_round_again_replaces_it(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, state(2), EXTRA)
+    newer = state(2, merged=True)
+    save_checkpoint(tmp_path, newer, {"history": []})
+    loaded, meta = load_checkpoint(checkpoint_dir(tmp_path, 2))
+    assert_identical(newer, loaded)
+    assert meta["history"] == []
+
+
+# --------------------------------------------------------------------------- damage
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path, state(), EXTRA)
+
+
+def test_truncated_arrays_are_refused(saved: Path) -> None:
+    arrays = saved / ckpt.ARRAYS
+    data = arrays.read_bytes()
+    arrays.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or modified"):
+        load_checkpoint(saved)
+
+
+def test_truncated_metadata_is_refused(saved: Path) -> None:
+    meta = saved / ckpt.META
+    meta.write_bytes(meta.read_bytes()[:-40])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(saved)
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", [0, 9, 200, -1, -5])
+def test_a_flipped_byte_in_the_arrays_is_refused(saved: Path, where: int) -> None:
+    flip(saved / ckpt.ARRAYS, where)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(saved)
+
+
+def test_a_flipped_byte_anywhere_in_the_metadata_is_refused(tmp_path: Path) -> None:
+    """Every single-bit change of state.json (keys, ranks, round, history) is detected."""
+    path = save_checkpoint(tmp_path, state(), EXTRA)
+    meta = path / ckpt.META
+    original = meta.read_bytes()
+    for offset in range(0, len(original), max(1, len(original) // 97)):
+        flip(meta, offset)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+        meta.write_bytes(original)
+    load_checkpoint(path)  # restored: loads again
+
+
+def rewrite_meta(path: Path, change, rehash: bool = False) -> None:
+    """Edit state.json; with `rehash` its own digest is recomputed (a consistent-looking file
+    whose content no longer matches the arrays)."""
+    meta = json.loads((path / ckpt.META).read_text())
+    change(meta)
+    if rehash:
+        meta["meta_sha256"] = ckpt._meta_digest(meta)
+    (path / ckpt.META).write_text(json.dumps(meta))
+
+
+INCONSISTENT = {  # edits that no longer describe the arrays file
+    "no ranks": lambda m: m.pop("ranks"),
+    "extra dense": lambda m: m["dense"].append("pooler.weight"),
+    "extra module": lambda m: m["adapter"].append("layer.9.query"),
+    "missing module": lambda m: m["adapter"].pop(),
+    "not a list": lambda m: m.update(adapter="oops"),
+    "bad rank": lambda m: m["ranks"].update({"0": "two"}),
+}
+EDITS = {
+    **INCONSISTENT,
+    "round": lambda m: m.update(round=7),
+    "rank": lambda m: m["ranks"].update({"0": 16}),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_edited_metadata_is_refused(saved: Path, edit: str) -> None:
+    rewrite_meta(saved, EDITS[edit])
+    with pytest.raises(CheckpointError, match="modified"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("edit", sorted(INCONSISTENT))
+def test_inconsistent_metadata_is_refused_even_with_a_fresh_digest(saved: Path, edit: str) -> None:
+    rewrite_meta(saved, INCONSISTENT[edit], rehash=True)
+    with pytest.raises(CheckpointError, match=r"inconsistent|arrays|lacks array"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("missing", [ckpt.ARRAYS, ckpt.META])
+def test_a_missing_file_is_refused(saved: Path, missing: str) -> None:
+    (saved / missing).unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        load_checkpoint(saved)
+
+
+def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "checkpoints" / "round_001")
+
+
+def test_another_format_is_refused(saved: Path) -> None:
+    rewrite_meta(saved, lambda m: m.update(format=99))
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(saved)
+
+
+def test_a_foreign_file_is_refused(saved: Path) -> None:
+    (saved / ckpt.META).write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(saved)
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def test_a_failed_write_leaves_no_partial_folder(tmp_path: Path, monkeypatch) -> None:
+    save_checkpoint(tmp_path, state(1), EXTRA)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    def broken_save_file(arrays, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, state(2), EXTRA)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert latest_checkpoint(tmp_path).name == "round_001"
+
+
+def test_a_failed_rewrite_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    original = state(2)
+    save_checkpoint(tmp_path, original, EXTRA)
+
+    def broken_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(ckpt.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(tmp_path, state(2, merged=True), EXTRA)
+    monkeypatch.setattr(ckpt.os, "replace", os.replace)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["round_002"]
+    loaded, _ = load_checkpoint(checkpoint_dir(tmp_path, 2))
+    assert_identical(original, loaded)
