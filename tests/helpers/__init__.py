@@ -1,0 +1,1 @@
+"""Shared helpers for the federation tests (in-process Grid, reply builders, run checks)."""
