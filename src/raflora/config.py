@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -62,7 +70,9 @@ class ModelSection(_Section):
     def _model_exists(cls, path: str) -> str:
         from raflora.training.models import resolve_model
 
-        resolve_model(path)  # raises ValueError naming what was tried and the aliases
+        # raises ValueError naming what was tried and the aliases; materialize=False: checking
+        # an alias must not convert or build the model (every client validates the config)
+        resolve_model(path, materialize=False)
         return path
 
 
@@ -131,6 +141,11 @@ class ClientsSection(_Section):
         ]
         if len(given) > 1:
             raise ValueError(f"give only one of ranks, rank_tiers, memory_budgets_mb (got {given})")
+        if self.ranks is not None and len(self.ranks) > self.num_clients:
+            raise ValueError(
+                f"ranks lists {len(self.ranks)} ranks for only {self.num_clients} clients "
+                "(num_clients); a shorter list repeats"
+            )
         budgets = self.memory_budgets_mb
         if budgets is not None and len(budgets) not in (1, self.num_clients):
             raise ValueError(
@@ -175,6 +190,16 @@ class FederationSection(_Section):
         if method not in known:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(known)}")
         return method
+
+    @field_validator("options")
+    @classmethod
+    def _options_known(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from raflora.math import method_options
+
+        method = info.data.get("method")
+        if method is not None:  # else the method's own error is reported
+            method_options(method, **options)  # raises ValueError naming the bad option
+        return options
 
     @property
     def carry_over_enabled(self) -> bool:
