@@ -104,6 +104,8 @@ def test_ready_batches_and_bad_arguments(tiny_bert_dir: Path) -> None:
         train_local(model, data, batch_size=4, lr=1e-3, seed=0)
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, [], batch_size=4)
+    with pytest.raises(ValueError, match="no training data"):
+        train_local(model, [], epochs=1, batch_size=4, lr=1e-3, seed=0)
 
 
 def test_regularizer_is_added_to_the_loss(tiny_bert_dir: Path) -> None:

@@ -87,6 +87,7 @@ def continuation_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tenso
     return torch.where(scored, logp, torch.zeros_like(logp)).sum(-1), cont_len
 
 
+@torch.no_grad()
 def choice_scores(
     model: nn.Module, data: ChoiceDataset, batch_size: int
 ) -> list[list[tuple[float, int]]]:
@@ -123,8 +124,6 @@ def batch_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 def _batches(data: Dataset | Sequence[Batch], batch_size: int, seed: int) -> Iterator[Batch]:
     """Endless stream: seeded reshuffle each epoch for datasets; ready batches in order."""
-    if len(data) == 0:
-        raise ValueError("no training data")
     if not isinstance(data, Dataset):
         while True:
             yield from data
@@ -175,6 +174,8 @@ def train_local(
     size), ``steps`` and ``seconds``. Deterministic for a given seed.
     """
     data = batches_or_dataset
+    if len(data) == 0:
+        raise ValueError("no training data")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
