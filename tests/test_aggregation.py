@@ -299,7 +299,7 @@ def test_partition_bounds_and_weights():
 
 
 def test_registry_contents_and_unknown_method():
-    assert available_methods() == sorted(["fedit", *METHODS])
+    assert available_methods() == sorted(["fedit", "flexlora_nm", *METHODS])
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*raflora"):
         aggregate("nope", make_factors([1]), [1])
 

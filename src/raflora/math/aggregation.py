@@ -9,6 +9,7 @@ B (m, R), A (R, n) with B A the global update, without forming an m×n matrix:
     hetlora   zeropad with q_k ∝ ‖B_k A_k‖_F     (× w_k if data_weighted; Cho et al. 2024)
     rblora    zeropad, column/row j averaged over {k : r_k > j} with p renormalised per j
     flexlora  Σ p_k B_k A_k = [p_1 B_1 … p_K B_K] [A_1; …; A_K]             (R = Σ r_k)
+    flexlora_nm  flexlora rescaled to raflora's ‖ΔW‖_F on the same updates (control)
     flora     the same stacked factors, meant to be merged into the base weights
     raflora   rank partitions P_j = (ρ_{j-1}, ρ_j] of the distinct ranks ρ_1 < … < ρ_M:
               B_k A_k = Σ_j B_k[:, P_j] A_k[P_j, :] exactly, and partition j is averaged over
@@ -303,10 +304,23 @@ def raflora(c: Clients, opts: RafloraOptions) -> tuple[Tensor, Tensor]:
     return _stacked(blocks)
 
 
+def flexlora_nm(c: Clients, _: None) -> tuple[Tensor, Tensor]:
+    """FlexLoRA rescaled to raFLoRA's ‖ΔW‖_F on the same updates (norm-matching control).
+
+    Same directions and energy shares as flexlora, raflora's step size: it separates "a
+    bigger step" from "more directions" when explaining a gap between the two.
+    """
+    target = float(_frobenius(*raflora(c, RafloraOptions())))
+    B, A = flexlora(c, FlexloraOptions())
+    norm = float(_frobenius(B, A))
+    return (B * (target / norm), A) if norm > 0 else (B, A)
+
+
 register_method("fedit", fedit)
 register_method("zeropad", zeropad)
 register_method("hetlora", hetlora, HetloraOptions)
 register_method("rblora", rblora)
 register_method("flexlora", flexlora, FlexloraOptions)
+register_method("flexlora_nm", flexlora_nm)
 register_method("flora", flora)
 register_method("raflora", raflora, RafloraOptions)
