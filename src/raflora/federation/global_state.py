@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raflora.math import aggregate, factored_svd
-from raflora.math.diagnostics import effective_rank, partition_energy, stable_rank, top_energy
+from raflora.math.diagnostics import (
+    effective_rank,
+    partition_energy,
+    predicted_retention,
+    stable_rank,
+    top_energy,
+)
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 
@@ -137,7 +143,29 @@ def module_diagnostics(S: np.ndarray, bounds: tuple[int, ...]) -> dict[str, floa
         "stable_rank": float(stable_rank(S)),
         "norm": float(np.sqrt(np.sum(np.asarray(S, np.float64) ** 2))),
         "partition_energy": [float(x) for x in partition_energy(S, bounds)],
+        # e_i = σ_i² / Σ σ² for i ≤ 2 ρ_M: enough to re-bin the energy for any partitions
+        "energy_spectrum": [float(x) for x in energy_spectrum(S, 2 * bounds[-1])],
     }
+
+
+def energy_spectrum(S: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` normalised energies ``σ_i² / Σ σ²`` (fewer if the rank is lower)."""
+    e = np.sort(np.asarray(S, np.float64))[::-1] ** 2
+    total = e.sum()
+    return (e / total if total > 0 else e)[:k]
+
+
+def retention(previous: SVDUpdate, agg: Factors, k: int) -> list[float]:
+    """Share of direction i of the previous global update kept by this round's aggregate,
+    ``u_iᵀ (B A) v_i / σ_i`` for i ≤ k: c_i = Σ_{r_k ≥ i} p_k for rank-agnostic averaging of
+    barely trained clients, 1 for raFLoRA (measured without forming B A)."""
+    r = min(k, previous.rank)
+    B, A = (np.asarray(x, np.float64) for x in agg)
+    left = previous.U[:, :r].astype(np.float64).T @ B  # (r, R)
+    right = A @ previous.Vt[:r].astype(np.float64).T  # (R, r)
+    kept = np.einsum("ij,ji->i", left, right)  # diag(Uᵀ B A V), (r,)
+    S = previous.S[:r].astype(np.float64)
+    return [float(x) for x in np.where(S > 0, kept / np.where(S > 0, S, 1.0), 0.0)]
 
 
 def summarize_modules(per_module: dict[str, dict]) -> dict[str, float | list[float]]:
@@ -207,10 +235,13 @@ def aggregate_round(
                 round_update = compress(*stack(agg, tail))
         new_adapter[name] = round_update
         per_module[name] = module_diagnostics(round_update.S, settings.bounds)
+        if previous is not None and previous.rank:
+            per_module[name]["retention"] = retention(previous, agg, settings.max_rank)
         total = float(np.sum(round_update.S.astype(np.float64) ** 2))
         carried_energy.append(carried / total if total > 0 else 0.0)
     diagnostics = summarize_modules(per_module)
     diagnostics["carried_energy_share"] = float(np.mean(carried_energy)) if carried_energy else 0.0
+    diagnostics["predicted_retention"] = predicted_retention(ranks, weights)
     diagnostics["global_rank"] = (
         int(max(u.rank for u in new_adapter.values())) if new_adapter else 0
     )
