@@ -32,8 +32,8 @@ err = Console(stderr=True, soft_wrap=True)
 def _setup(verbose: bool) -> None:
     """Logging to the terminal; quiet third-party chatter unless --verbose."""
     handler = RichHandler(console=err, show_path=verbose)
-    if not verbose:  # our own INFO lines, everybody else's warnings
-        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("raflora"))
+    if not verbose:  # our own INFO lines, everybody else's errors
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or r.name.startswith("raflora"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
     if not verbose:
         from raflora.federation.simulation import quiet_flower

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ class Reporter(Protocol):
     def client_done(self) -> None: ...
     def round_done(self, record: dict[str, Any]) -> None: ...
     def stop(self) -> None: ...
+    def show(self, renderable: Any) -> None: ...
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -65,6 +67,9 @@ class RichReporter:
     def stop(self) -> None:
         self.progress.stop()
 
+    def show(self, renderable: Any) -> None:
+        self.progress.console.print(renderable)
+
 
 class LogReporter:
     """Plain log lines (deployment: the ServerApp runs in its own process without a TTY)."""
@@ -83,3 +88,8 @@ class LogReporter:
 
     def stop(self) -> None:
         pass
+
+    def show(self, renderable: Any) -> None:
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(renderable)
+        log.info("\n%s", console.export_text())

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from raflora.config import Config, ConfigError
 from raflora.federation import messages as msg
+from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.global_state import GlobalState
@@ -27,6 +28,7 @@ from raflora.federation.outputs import write_metrics
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.validation import Expectation
+from raflora.training import partition_table
 
 log = logging.getLogger("raflora")
 RESUMABLE_CHANGES = {("federation", "rounds")}  # may differ between a run and its resumption
@@ -130,6 +132,16 @@ def round_record(
     }
 
 
+def client_table(config: Config, strategy: HeteroRankStrategy) -> Any:
+    """Per client: local data size, rank and label (or task) counts."""
+    data = task.load_data(config.to_json())
+    shares = task.client_shares(config, data)
+    ranks = [strategy.rank_of(pid) for pid in range(len(shares))]
+    names = sorted(data.tasks) if data.kind == "multiple-choice" and len(data.tasks) > 1 else None
+    names = names or list(data.label_names) or None
+    return partition_table(task.partition_labels(data), shares, ranks, names)
+
+
 def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     for section in sorted(set(saved) | set(current)):
@@ -189,6 +201,7 @@ class FederatedRun:
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         strategy.register_nodes(discover_nodes(grid, config, config.federation.round_timeout_s))
         strategy.summary()
+        self.reporter.show(client_table(config, strategy))
         self.bounds = list(strategy.settings.bounds)
         self.model_info = evaluator.model_info()
         if state.round == 0 and not self.history:
