@@ -40,14 +40,15 @@ class FakeGrid:
     node_ids : list of int, optional
         Node ids (default: large distinct ints, like Flower's uint64 ids, not in pid order).
     drop : callable, optional
-        ``drop(message) -> bool``: when true the message gets no reply (a vanished client).
+        ``drop(message, node_config) -> bool``: when true the message gets no reply (a client
+        that vanished or stalled past the round timeout).
     """
 
     def __init__(
         self,
         node_configs: list[dict],
         node_ids: list[int] | None = None,
-        drop: Callable[[Message], bool] | None = None,
+        drop: Callable[[Message, dict], bool] | None = None,
     ) -> None:
         from raflora.federation.client_app import app
 
@@ -61,7 +62,7 @@ class FakeGrid:
             )
             for node, cfg in zip(self.node_ids, node_configs, strict=True)
         }
-        self.drop = drop or (lambda message: False)
+        self.drop = drop or (lambda message, node_config: False)
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
         self._ids = itertools.count()
@@ -76,9 +77,9 @@ class FakeGrid:
             message.metadata.__dict__["_message_id"] = message_id
             self.sent.append(message)
             ids.append(message_id)
-            if self.drop(message):
-                continue
             context = self.contexts[message.metadata.dst_node_id]
+            if self.drop(message, context.node_config):
+                continue
             try:
                 reply = self.app(message, context)
             except Exception as error:  # Flower turns any exception into a reply

@@ -1,0 +1,311 @@
+"""Whole federated runs in-process: the real server loop, strategy and ClientApp handlers, with
+an in-process Grid instead of Ray (see helpers/fakegrid.py), on a tiny BERT.
+
+Every method of the registry runs 2 rounds with 3 clients of ranks 2, 4, 8; then outputs,
+determinism, resume, export + reload, partial participation with carry-over, merge mode and
+failing clients. The Ray simulation itself is covered in test_federation_simulation.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import MessageType
+
+from helpers.fakegrid import FakeGrid
+from helpers.runs import check_run_outputs, run_in_process, tiny_config, without_timing
+from raflora.config import ConfigError
+from raflora.federation import messages as msg
+from raflora.federation import task
+from raflora.federation.checkpoint import load_checkpoint
+from raflora.federation.export import export_run
+from raflora.federation.finish import finish_run
+from raflora.math import available_methods
+from raflora.training import evaluate, load_base_model, take
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+RANKS = {0: 2, 1: 4, 2: 8}
+SETTINGS = {  # per method: what it needs besides the tiny config
+    "fedit": ["clients.ranks=[4]"],  # equal ranks only
+    "flora": ["federation.apply=merge"],  # FLoRA merges every round
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Run each configuration once per module: ``runs(key, *overrides)``."""
+    cache: dict[str, dict] = {}
+
+    def get(key: str, *overrides: str, **kwargs) -> dict:
+        if key not in cache:
+            config = tiny_config(tiny_bert_dir, *overrides)
+            if "drop" in kwargs:
+                nodes = [{"partition-id": i} for i in range(config.clients.num_clients)]
+                kwargs["grid"] = FakeGrid(nodes, drop=kwargs.pop("drop"))
+            run_dir = tmp_path_factory.mktemp(key)
+            cache[key] = {
+                "config": config,
+                "run_dir": run_dir,
+                **run_in_process(config, run_dir, finish=False, **kwargs),
+            }
+        return cache[key]
+
+    return get
+
+
+def method_run(runs, method: str) -> dict:
+    return runs(method, f"federation.method={method}", *SETTINGS.get(method, []))
+
+
+def train_messages(grid, server_round: int) -> list:
+    return [
+        m
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.TRAIN and m.metadata.group_id == str(server_round)
+    ]
+
+
+def pid_of(grid, message) -> int:
+    return int(grid.contexts[message.metadata.dst_node_id].node_config["partition-id"])
+
+
+# --------------------------------------------------------------------------- every method
+
+
+def test_the_registry_is_covered() -> None:
+    assert set(available_methods()) >= {"fedit", "zeropad", "hetlora", "rblora", "flexlora"}
+    assert {"flora", "raflora"} <= set(available_methods())
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str) -> None:
+    run = method_run(runs, method)
+    config, grid, state, history = run["config"], run["grid"], run["state"], run["history"]
+    ranks = {pid: 4 for pid in RANKS} if method == "fedit" else RANKS
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for record in history[1:]:
+        assert (record["sampled"], record["ok"], record["failed"], record["rejected"]) == (
+            3,
+            3,
+            0,
+            0,
+        )
+        assert not record["skipped"]
+        assert math.isfinite(record["train_loss"])
+        assert 0 <= record["server_accuracy"] <= 1 and math.isfinite(record["server_loss"])
+        assert record["bytes_received"] > 0 and record["bytes_sent"] > 0
+        assert 0 < record["top_rmin_energy"] <= 1 + 1e-9
+    merge = config.federation.apply == "merge"
+    for message in train_messages(grid, 2):  # round 2: every client starts from the global model
+        pid = pid_of(grid, message)
+        assert message.content[msg.CONFIG][msg.RANK] == ranks[pid]
+        lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
+        assert set(dense) == {"classifier.weight", "classifier.bias"}
+        if merge:
+            assert lora == {} and merged and all(B.shape[1] > 0 for B, _ in merged.values())
+        else:
+            assert merged == {} and len(lora) == 4  # query, value × 2 layers
+            assert all(
+                B.shape == (32, ranks[pid]) and A.shape == (ranks[pid], 32)
+                for B, A in lora.values()
+            )
+    total = state.total_update()
+    assert (state.adapter == {}) == merge and (state.merged == {}) != merge
+    most = min(32, (2 if merge else 1) * sum(ranks.values()))  # D_2 = ΔW_1 + ΔW_2 when merged
+    assert len(total) == 4 and all(0 < u.rank <= most for u in total.values())
+    assert state.ranks == ranks
+
+
+def test_methods_share_round_one_training_and_differ_in_aggregation(runs) -> None:
+    """Round 1 starts from the same empty global model for every method with ranks 2, 4, 8:
+    identical client training; the aggregate is where they part."""
+    first = {m: method_run(runs, m)["history"][1] for m in ("raflora", "flexlora", "flora")}
+    assert first["raflora"]["train_loss"] == first["flexlora"]["train_loss"]
+    assert first["raflora"]["server_loss"] != first["flexlora"]["server_loss"]
+    # FLoRA's merged D_1 is FlexLoRA's Σ p_k B_k A_k: the same global model after round 1 ...
+    assert first["flora"]["server_loss"] == pytest.approx(
+        first["flexlora"]["server_loss"], abs=1e-6
+    )
+    # ... but then one restarts from a fresh LoRA and the other from the truncated update
+    second = {m: method_run(runs, m)["history"][2] for m in ("flexlora", "flora")}
+    assert second["flora"]["train_loss"] != second["flexlora"]["train_loss"]
+
+
+def test_raflora_and_flexlora_send_and_receive_the_same_bytes(runs) -> None:
+    ra, flex = method_run(runs, "raflora")["history"], method_run(runs, "flexlora")["history"]
+    for a, b in zip(ra, flex, strict=True):
+        assert (a["bytes_sent"], a["bytes_received"]) == (b["bytes_sent"], b["bytes_received"])
+    # what was counted is what was sent: rank r_k factors of 4 modules (32×r, r×32) + the head
+    grid = method_run(runs, "raflora")["grid"]
+    sent = train_messages(grid, 2)
+    assert ra[2]["bytes_sent"] == sum(m.content[msg.ARRAYS].count_bytes() for m in sent)
+    floats = 0
+    for message in sent:
+        lora, _, dense = msg.unpack(message.content[msg.ARRAYS])
+        floats += sum(B.size + A.size for B, A in lora.values())
+        floats += sum(v.size for v in dense.values())
+    assert floats == sum(4 * 64 * r for r in RANKS.values()) + 3 * (2 * 32 + 2)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_a_finished_run_has_every_output(runs) -> None:
+    run = method_run(runs, "raflora")
+    summary = finish_run(run["config"], run["run_dir"])
+    history = check_run_outputs(run["run_dir"], 2)
+    assert summary["ranks"] == {"0": 2, "1": 4, "2": 8} and summary["bounds"] == [2, 4, 8]
+    assert summary["adapter_rank"] == max(u.rank for u in run["state"].adapter.values())
+    assert summary["bytes_per_round"] == np.mean(
+        [r["bytes_sent"] + r["bytes_received"] for r in history[1:]]
+    )
+    assert history[0]["server_accuracy"] is not None  # the round-0 baseline
+    assert len(history[2]["partition_energy"]) == 4
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_same_seed_gives_the_same_metrics(runs) -> None:
+    a = method_run(runs, "raflora")
+    b = runs("raflora-again", "federation.method=raflora")
+    assert without_timing(a["history"]) == without_timing(b["history"])
+    assert a["history"][1]["seconds"] > 0
+    other = runs("raflora-seed-1", "federation.method=raflora", "run.seed=1")
+    assert without_timing(other["history"]) != without_timing(a["history"])
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path) -> None:
+    full = method_run(runs, "raflora")
+    run_dir = tmp_path / "resumed"
+    run_in_process(tiny_config(tiny_bert_dir, "federation.rounds=1"), run_dir, finish=False)
+    assert not (run_dir / "checkpoints" / "round_002").exists()
+    resumed = run_in_process(tiny_config(tiny_bert_dir), run_dir, resume=True, finish=False)
+    assert without_timing(resumed["history"]) == without_timing(full["history"])
+    # round 1 was not run again: only round 2 went to the clients
+    assert {m.metadata.group_id for m in train_messages(resumed["grid"], 2)} == {"2"}
+    assert train_messages(resumed["grid"], 1) == []
+    a, _ = load_checkpoint(full["run_dir"] / "checkpoints" / "round_002")
+    b, _ = load_checkpoint(run_dir / "checkpoints" / "round_002")
+    for name in a.adapter:
+        for part in ("U", "S", "Vt"):
+            assert (
+                getattr(a.adapter[name], part).tobytes() == getattr(b.adapter[name], part).tobytes()
+            )
+    assert all(a.dense[k].tobytes() == b.dense[k].tobytes() for k in a.dense)
+
+
+def test_resume_refuses_a_different_config(runs, tiny_bert_dir) -> None:
+    run = method_run(runs, "raflora")
+    changed = tiny_config(tiny_bert_dir, "train.lr=0.5")
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.001 → 0\.5"):
+        run_in_process(changed, run["run_dir"], resume=True, finish=False)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("method", ["raflora", "flora"])
+def test_exported_adapter_reproduces_the_final_server_evaluation(runs, method, tmp_path) -> None:
+    from peft import PeftModel
+
+    run = method_run(runs, method)
+    config = run["config"]
+    path, rank = export_run(run["run_dir"], tmp_path / "adapter")
+    assert rank == max(u.rank for u in run["state"].total_update().values())
+    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    assert adapter_config["r"] == rank
+    # a user's own load: another seed for any fresh weights, PEFT's loader
+    base, tokenizer = load_base_model(str(config.model.path), "classification", 2, seed=1234)
+    model = PeftModel.from_pretrained(base, path)
+    data = task.load_data(config.to_json())
+    test = task.encode(config, take(data.test, range(len(data.test))), tokenizer, base)
+    result = evaluate(model, test, batch_size=16)
+    final = run["history"][-1]
+    assert result["accuracy"] == final["server_accuracy"]
+    assert result["loss"] == pytest.approx(final["server_loss"], rel=1e-5)
+
+
+def test_export_at_a_lower_rank_and_bad_ranks(runs, tmp_path) -> None:
+    run = method_run(runs, "raflora")
+    path, rank = export_run(run["run_dir"], tmp_path / "r2", rank=2)
+    assert rank == 2 and json.loads((path / "adapter_config.json").read_text())["r"] == 2
+    full = max(u.rank for u in run["state"].adapter.values())
+    with pytest.raises(ValueError, match="exceeds"):
+        export_run(run["run_dir"], tmp_path / "big", rank=full + 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        export_run(run["run_dir"], tmp_path / "zero", rank=0)
+    with pytest.raises(FileNotFoundError):
+        export_run(tmp_path / "nothing", tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- partial participation
+
+
+def test_partial_participation_carries_uncovered_directions(runs) -> None:
+    """4 clients of ranks 2, 4, 8, 4, half sampled per round; seed 7 samples {2, 3} then {0, 1}:
+    in round 2 nobody covers directions (4, 8] of the rank-12 global update of round 1."""
+    run = runs(
+        "partial",
+        "clients.num_clients=4",
+        "clients.ranks=[2, 4, 8, 4]",
+        "federation.fraction_train=0.5",
+        "run.seed=7",
+    )
+    history, grid = run["history"], run["grid"]
+    ranks = [2, 4, 8, 4]
+    assert [r["clients"] for r in history[1:]] == [[2, 3], [0, 1]]
+    for record in history[1:]:
+        assert record["sampled"] == record["ok"] == 2
+        sampled_max = max(ranks[pid] for pid in record["clients"])
+        previous_rank = history[record["round"] - 1]["global_rank"] or 0
+        if record["round"] > 1 and sampled_max < 8 and previous_rank > sampled_max:
+            assert record["carried_energy_share"] > 0
+        else:
+            assert record["carried_energy_share"] == 0
+    assert history[2]["carried_energy_share"] > 0  # the case above did happen
+    # the carried directions are in the global update: rank 4 + 2 sampled + 4 carried
+    assert history[2]["global_rank"] == 2 + 4 + 4
+    assert {pid_of(grid, m) for m in train_messages(grid, 2)} == {0, 1}
+    assert len(train_messages(grid, 1)) == 2
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failing_and_silent_clients_are_counted_and_the_rest_aggregated(runs) -> None:
+    def silent_in_round_2(message, node_config) -> bool:
+        return message.metadata.group_id == "2" and node_config["partition-id"] == 1
+
+    run = runs(
+        "faults",
+        "faults.fraction=0.34",  # one client per round raises: partition 0 in rounds 1 and 2
+        "federation.round_timeout_s=1",
+        drop=silent_in_round_2,
+    )
+    history = run["history"]
+    for record in history[1:]:
+        assert record["ok"] + record["failed"] == 3 and record["failed"] >= 1
+        assert any("InjectedFault" in reason for reason in record["failures"].values())
+        assert not record["skipped"] and record["server_accuracy"] is not None
+    assert "no reply before the round timeout" in history[2]["failures"].get("1", "")
+    assert [r["clients"] for r in history[1:]] == [[1, 2], [2]]
+    assert run["state"].ranks == {1: 4, 2: 8}  # only clients whose update was aggregated
+
+
+def test_rounds_with_too_few_clients_are_skipped_and_nothing_is_exported(runs) -> None:
+    run = runs("skipped", "faults.fraction=0.34", "federation.min_clients=3")
+    history = run["history"]
+    assert all(r["skipped"] and r["ok"] == 2 and r["failed"] == 1 for r in history[1:])
+    assert run["state"].adapter == {} and run["state"].round == 2
+    summary = finish_run(run["config"], run["run_dir"])
+    assert summary["skipped_rounds"] == 2 and summary["adapter_rank"] is None
+    assert summary["failed_clients"] == 2
+    assert not (run["run_dir"] / "adapter").exists()
+    # the server's evaluation is the round-0 model's every round
+    assert history[2]["server_loss"] == history[0]["server_loss"]
