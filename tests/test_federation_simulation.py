@@ -1,0 +1,42 @@
+"""The Flower simulation (Ray backend) end to end: one small run, and the same run in-process.
+
+The in-process runs of test_federation_runs.py replace Ray by FakeGrid; this file checks that
+Ray and FakeGrid give the same metrics bit for bit, so those tests speak for the simulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers.runs import check_run_outputs, run_in_process, tiny_config, without_timing
+from raflora.federation.simulation import run_federated
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def test_ray_simulation_writes_every_output_and_matches_the_in_process_run(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_bert_dir)
+    summary = run_federated(config, tmp_path / "ray")
+    history = check_run_outputs(tmp_path / "ray", 2)
+    assert summary["rounds"] == 2 and summary["failed_clients"] == 0
+    assert summary["wall_seconds"] > 0
+    assert all(r["ok"] == 3 for r in history[1:])
+    local = run_in_process(config, tmp_path / "local", finish=False)
+    assert without_timing(history) == without_timing(local["history"])
+
+
+@pytest.mark.slow
+def test_ray_resume_matches_an_uninterrupted_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    overrides = ("federation.method=flexlora", "federation.fraction_train=0.67")
+    run_dir = tmp_path / "ray"
+    run_federated(tiny_config(tiny_bert_dir, *overrides, "federation.rounds=1"), run_dir)
+    config = tiny_config(tiny_bert_dir, *overrides)
+    summary = run_federated(config, run_dir, resume=True)
+    history = check_run_outputs(run_dir, 2)
+    assert summary["rounds"] == 2
+    local = run_in_process(config, tmp_path / "local", finish=False)
+    assert without_timing(history) == without_timing(local["history"])
