@@ -1,0 +1,309 @@
+"""The suite report: markdown tables (mean ± std over seeds) and plots, from the finished runs.
+
+``report.md`` has, per grid and setting (rank configuration · Dirichlet α · fraction per
+round): a table of final and best accuracy, top-r_min energy share, effective rank, ‖ΔW‖_F,
+bytes per round and wall time (plus per-task accuracy for multiple-choice mixtures), and
+plots of accuracy, energy per rank partition and ‖ΔW‖_F vs round; per grid with several rank
+configurations, final accuracy vs rank configuration; per suite, predicted retention c_i vs
+the measured retention for FlexLoRA. The numbers are written only here: documents include the
+report with `splice_into` instead of copying numbers by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from raflora.experiments import figures
+from raflora.experiments.results import (
+    RunResult,
+    bounds_of,
+    group_cells,
+    load_results,
+    mean_std,
+    partition_energy,
+    retention_series,
+    run_metrics,
+    series,
+)
+from raflora.experiments.suite import Cell, Plan
+
+COLUMNS = (  # key, title, format
+    ("final_accuracy", "final acc", ".3f"),
+    ("best_accuracy", "best acc", ".3f"),
+    ("top_rmin_energy", "top-r_min energy", ".3f"),
+    ("effective_rank", "eff. rank", ".2f"),
+    ("norm", "‖ΔW‖_F", ".3f"),
+    ("bytes_per_round", "bytes/round", ",.0f"),
+    ("wall_seconds", "wall s", ".0f"),
+)
+
+
+def cell_text(stats: tuple[float, float, int] | None, fmt: str) -> str:
+    if stats is None:
+        return "–"
+    mean, std, n = stats
+    return format(mean, fmt) if n == 1 else f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def setting_title(setting: tuple) -> str:
+    rank_config, alpha, fraction = setting
+    alpha_text = (
+        "data partition of the base config" if alpha is None else f"Dirichlet α = {alpha:g}"
+    )
+    share = "all clients" if fraction == 1 else f"{fraction:g} of the clients"
+    return f"{rank_config} · {alpha_text} · {share} per round"
+
+
+def setting_slug(grid: str, setting: tuple) -> str:
+    rank_config, alpha, fraction = setting
+    alpha_tag = "base" if alpha is None else f"a{alpha:g}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{grid}_{rank_config}_{alpha_tag}_f{fraction:g}")
+
+
+class ReportWriter:
+    """Builds report.md and plots/ for a plan from its finished runs."""
+
+    def __init__(self, plan: Plan, suite_dir: Path) -> None:
+        self.plan = plan
+        self.suite_dir = Path(suite_dir)
+        self.results = load_results(plan, self.suite_dir / "runs")
+        self.plots = self.suite_dir / "plots"
+        self.lines: list[str] = []
+
+    # ------------------------------------------------------------------ helpers
+    def runs_of(self, cells: list[Cell]) -> list[RunResult]:
+        return [self.results[c.run_id] for c in cells if c.run_id in self.results]
+
+    def image(self, path: Path, alt: str) -> None:
+        self.lines += [f"![{alt}](plots/{path.name})", ""]
+
+    def table(self, by_method: dict[str, list[Cell]], bounds: list[int]) -> None:
+        header = ["method", "seeds", *(title for _, title, _ in COLUMNS)]
+        self.lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        task_rows = {}
+        for method, cells in by_method.items():
+            metrics = [run_metrics(r, bounds) for r in self.runs_of(cells)]
+            cells_text = [cell_text(mean_std([m[k] for m in metrics]), f) for k, _, f in COLUMNS]
+            seeds = f"{len(metrics)}/{len(cells)}"
+            self.lines.append(f"| {method} | {seeds} | " + " | ".join(cells_text) + " |")
+            tasks = sorted({t for m in metrics for t in m["tasks"]})
+            if tasks:
+                task_rows[method] = {
+                    t: mean_std([m["tasks"].get(t) for m in metrics]) for t in tasks
+                } | {"average": mean_std([m["final_accuracy"] for m in metrics])}
+        self.lines.append("")
+        if task_rows:
+            names = list(next(iter(task_rows.values())))
+            self.lines += [
+                "Accuracy per task at the last round (average = over all questions):",
+                "",
+                "| method | " + " | ".join(names) + " |",
+                "|---" * (len(names) + 1) + "|",
+            ]
+            for method, row in task_rows.items():
+                values = [cell_text(row.get(n), ".3f") for n in names]
+                self.lines.append(f"| {method} | " + " | ".join(values) + " |")
+            self.lines.append("")
+
+    # ------------------------------------------------------------------ sections
+    def setting_section(self, grid: str, setting: tuple, by_method: dict[str, list[Cell]]) -> None:
+        bounds = bounds_of(self.plan.suite.rank_configs[setting[0]])
+        self.lines += [f"#### {setting_title(setting)}", ""]
+        self.lines += [f"Client ranks: {self.plan.suite.rank_configs[setting[0]]} (cycled).", ""]
+        self.table(by_method, bounds)
+        slug = setting_slug(grid, setting)
+        accuracy, norm, energy = {}, {}, {}
+        for method, cells in by_method.items():
+            runs = self.runs_of(cells)
+            if not runs:
+                continue
+            if got := series(runs, lambda r: r.get("server_accuracy"), evaluated=True):
+                accuracy[method] = got
+            if got := series(runs, lambda r: r.get("norm")):
+                norm[method] = got
+            if got := series(runs, lambda r: partition_energy(r, bounds)):
+                energy[method] = got
+        if accuracy:
+            path = figures.plot_mean_band(
+                accuracy,
+                self.plots / f"{slug}_accuracy.png",
+                ylabel="server test accuracy",
+                title=f"test accuracy vs round — {setting_title(setting)}",
+            )
+            self.image(path, "accuracy vs round")
+        if energy and len({v[0][-1] for v in energy.values()}) == 1:
+            path = figures.plot_energy(
+                energy,
+                bounds,
+                self.plots / f"{slug}_energy.png",
+                title=f"energy of the global update per rank partition — {setting[0]}",
+            )
+            self.image(path, "energy per rank partition vs round")
+        if norm:
+            path = figures.plot_mean_band(
+                norm,
+                self.plots / f"{slug}_norm.png",
+                ylabel="‖ΔW‖_F (over modules)",
+                title="norm of the global update (merge mode: of the round's update)",
+            )
+            self.image(path, "norm of the global update vs round")
+
+    def sensitivity_section(self, grid: str, groups: dict[tuple, dict[str, list[Cell]]]) -> None:
+        configs = list(dict.fromkeys(s[0] for s in groups))
+        if len(configs) < 2:
+            return
+        for alpha, fraction in dict.fromkeys((s[1], s[2]) for s in groups):
+            alpha_text = "base partition" if alpha is None else f"α = {alpha:g}"
+            title = f"final accuracy vs rank configuration — {alpha_text}, fraction {fraction:g}"
+            points: dict[str, dict[str, tuple[float, float]]] = {}
+            rows: dict[str, dict[str, str]] = {}
+            for (rc, a, f), by_method in groups.items():
+                if (a, f) != (alpha, fraction):
+                    continue
+                for method, cells in by_method.items():
+                    stats = mean_std([r.summary.get("final_accuracy") for r in self.runs_of(cells)])
+                    rows.setdefault(method, {})[rc] = cell_text(stats, ".3f")
+                    if stats is not None:
+                        points.setdefault(method, {})[rc] = stats[:2]
+            self.lines += [f"#### Sensitivity: {title}", ""]
+            self.lines += [
+                "| method | " + " | ".join(configs) + " |",
+                "|---" * (len(configs) + 1) + "|",
+            ]
+            for method, by_config in rows.items():
+                self.lines.append(
+                    f"| {method} | " + " | ".join(by_config.get(c, "–") for c in configs) + " |"
+                )
+            self.lines.append("")
+            if points:
+                slug = setting_slug(grid, ("sensitivity", alpha, fraction))
+                path = figures.plot_sensitivity(points, configs, self.plots / f"{slug}.png", title)
+                self.image(path, "final accuracy vs rank configuration")
+
+    def retention_section(self) -> None:
+        """c_i vs measured, for the first heterogeneous setting with a FlexLoRA run."""
+        for cell in self.plan.cells:
+            ranks = self.plan.suite.rank_configs[cell.rank_config]
+            if self.plan.suite.variant(cell.method).method != "flexlora" or len(set(ranks)) < 2:
+                continue
+            same = [
+                c
+                for c in self.plan.cells
+                if c.grid == cell.grid
+                and c.setting == cell.setting
+                and self.plan.suite.variant(c.method).method in ("flexlora", "raflora")
+            ]
+            measured, predicted = {}, []
+            for method in dict.fromkeys(c.method for c in same if c.method == cell.method):
+                runs = self.runs_of([c for c in same if c.method == method])
+                got = [g for r in runs if (g := retention_series(r)) is not None]
+                if got:
+                    width = min(m.shape for m, _ in got)
+                    measured[method] = np.array([m[: width[0], : width[1]] for m, _ in got])
+                    predicted = [p[: width[0], : width[1]] for _, p in got]
+            for method in dict.fromkeys(c.method for c in same if c.method != cell.method):
+                runs = self.runs_of([c for c in same if c.method == method])
+                got = [g[0] for r in runs if (g := retention_series(r)) is not None]
+                if got and measured:
+                    shape = next(iter(measured.values())).shape[1:]
+                    measured[method] = np.array([m[: shape[0], : shape[1]] for m in got])
+            if not measured:
+                continue
+            title = f"retention per direction — {setting_title(cell.setting)}"
+            path = figures.plot_retention(
+                measured,
+                np.mean(predicted, axis=0),
+                bounds_of(ranks),
+                self.plots / f"retention_{setting_slug(cell.grid, cell.setting)}.png",
+                title,
+            )
+            self.lines += [
+                "### Predicted retention c_i vs measured",
+                "",
+                f"Setting: grid `{cell.grid}`, {setting_title(cell.setting)}. Measured: the "
+                "share u_iᵀ ΔW_t v_i / σ_i of direction i of the previous global update that "
+                "the next aggregate keeps, averaged over modules (and rounds, seeds on the "
+                "left); predicted: c_i = Σ_{r_k ≥ i} p_k of the clients aggregated that round.",
+                "",
+            ]
+            self.image(path, "predicted vs measured retention")
+            return
+
+    # ------------------------------------------------------------------ whole report
+    def header(self, command: str | None) -> None:
+        suite = self.plan.suite.suite
+        manifest = self.suite_dir / "suite.json"
+        meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        walls = [r.summary.get("wall_seconds") or 0.0 for r in self.results.values()]
+        failed = [k for k, v in meta.get("runs", {}).items() if v.get("status") == "failed"]
+        machine = meta.get("machine", {})
+        self.lines += [f"## Suite `{suite.name}`", ""]
+        if suite.description:
+            self.lines += [suite.description.strip(), ""]
+        if command:
+            self.lines += ["```bash", command, "```", ""]
+        self.lines += [
+            f"- runs: {len(self.results)} finished of {len(self.plan.configs)} "
+            f"({len(self.plan.cells)} grid cells; equal configs share a run)"
+            + (f"; failed: {', '.join(failed)}" if failed else ""),
+            f"- seeds: {sorted({c.seed for c in self.plan.cells})}",
+            f"- wall time: {sum(walls) / 3600:.2f} h summed over runs "
+            f"(executor {meta.get('executor', suite.executor)}, "
+            f"{meta.get('workers', suite.workers)} at once)",
+            f"- machine: {machine.get('cpus', '?')} CPUs, {machine.get('platform', '?')}",
+            "",
+        ]
+
+    def write(self, command: str | None = None) -> Path:
+        if self.plots.is_dir():
+            shutil.rmtree(self.plots)
+        self.lines = []
+        self.header(command)
+        for grid in self.plan.suite.grid:
+            groups = group_cells(self.plan, grid.name)
+            self.lines += [f"### Grid `{grid.name}`", ""]
+            for setting, by_method in groups.items():
+                self.setting_section(grid.name, setting, by_method)
+            self.sensitivity_section(grid.name, groups)
+        self.retention_section()
+        path = self.suite_dir / "report.md"
+        path.write_text("\n".join(self.lines).rstrip() + "\n")
+        return path
+
+
+def write_report(plan: Plan, suite_dir: Path, command: str | None = None) -> Path:
+    """Write ``<suite_dir>/report.md`` and ``plots/``; returns the report's path."""
+    return ReportWriter(plan, suite_dir).write(command)
+
+
+def splice_into(document: Path, report: Path, name: str) -> list[Path]:
+    """Put ``report`` into ``document`` between ``<!-- BEGIN raflora experiment NAME -->`` and
+    ``<!-- END … -->`` (appended if the markers are absent), with its plots copied to
+    ``img/results_NAME_*.png`` next to the document. Returns the copied images."""
+    document, report = Path(document), Path(report)
+    begin = f"<!-- BEGIN raflora experiment {name} (generated: do not edit) -->"
+    end = f"<!-- END raflora experiment {name} -->"
+    images = document.parent / "img"
+    images.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for old in images.glob(f"results_{name}_*.png"):
+        old.unlink()
+    for plot in sorted((report.parent / "plots").glob("*.png")):
+        target = images / f"results_{name}_{plot.name}"
+        shutil.copyfile(plot, target)
+        copied.append(target)
+    body = report.read_text().replace("](plots/", f"](img/results_{name}_")
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = document.read_text() if document.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    document.write_text(text)
+    return copied
