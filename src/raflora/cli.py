@@ -205,6 +205,79 @@ def export(
 
 
 @app.command()
+def experiment(
+    suite: Annotated[Path, typer.Argument(help="suite TOML file, e.g. examples/suite_tiny.toml")],
+    out: Annotated[Path, typer.Option(help="parent folder of the suite's folder")] = Path("runs"),
+    resume: Annotated[
+        bool, typer.Option(help="skip finished runs, continue interrupted ones")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="runs at once (default: the suite's workers)")
+    ] = None,
+    executor: Annotated[
+        str | None, typer.Option(help="inprocess or ray (default: the suite's executor)")
+    ] = None,
+    report_only: Annotated[
+        bool, typer.Option(help="only rewrite the report from the finished runs")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
+    docs: Annotated[
+        Path | None, typer.Option(help="also put the report into this markdown file")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a suite: methods × rank configurations × α × fraction × seeds as resumable runs under
+    <out>/<suite name>/, then one report (report.md + plots/) with mean ± std over seeds."""
+    _setup(verbose)
+    from raflora.experiments import (
+        SuiteError,
+        expand,
+        load_suite,
+        prepare,
+        run_suite,
+        splice_into,
+        write_report,
+    )
+
+    command = f"raflora experiment {suite} --out {out}" + (
+        f" --workers {workers}" if workers else ""
+    )
+    try:
+        spec = load_suite(suite)
+        if dry_run:
+            if spec.pretrain is not None:  # list the runs without pretraining first
+                base = {
+                    **spec.base,
+                    "model": {**spec.base.get("model", {}), "path": spec.pretrain.model},
+                }
+                spec = spec.model_copy(update={"base": base})
+            plan = expand(spec, out / spec.suite.name / "runs")
+            for run_id, cfg in plan.configs.items():
+                console.print(f"{run_id}  ({cfg.federation.method}, ranks {cfg.clients.ranks})")
+            console.print(f"{len(plan.cells)} cells, {len(plan.configs)} runs")
+            return
+        if report_only:
+            plan, suite_dir = prepare(spec, out, resume=True)
+            failed = 0
+        else:
+            state = run_suite(
+                spec, out, resume=resume, workers=workers, executor=executor, echo=err.print
+            )
+            plan, suite_dir = state.plan, state.suite_dir
+            failed = sum(v["status"] == "failed" for v in state.status.values())
+        report = write_report(plan, suite_dir, command)
+    except (SuiteError, ConfigError, FileExistsError) as error:
+        _fail(str(error).replace("\n", "\n       "))
+    console.print(f"report: [bold]{report}[/] (plots in {report.parent / 'plots'})")
+    if docs is not None:
+        splice_into(docs, report, spec.suite.name)
+        console.print(f"report spliced into {docs}")
+    if failed:
+        err.print(f"[bold red]{failed} run(s) failed[/]: see {suite_dir / 'suite.json'}")
+        raise typer.Exit(1)
+
+
+@app.command()
 def methods() -> None:
     """List the registered aggregation methods."""
     from raflora.math import aggregation
