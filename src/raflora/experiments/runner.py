@@ -118,6 +118,7 @@ def execute_run(config_json: str, run_dir: str, executor: str, resume: bool) -> 
 
 
 def _worker(config_json: str, run_dir: str, executor: str, resume: bool) -> dict[str, Any]:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     _quiet_worker(Path(run_dir) / "run.log")
     return execute_run(config_json, run_dir, executor, resume)
 
