@@ -33,8 +33,8 @@ def test_defaults_are_valid() -> None:
 
 
 def test_shipped_examples_are_valid_and_round_trip(tmp_path: Path) -> None:
-    paths = sorted(EXAMPLES.glob("*.toml"))
-    assert paths
+    paths = [p for p in sorted(EXAMPLES.glob("*.toml")) if not p.name.startswith("suite")]
+    assert {p.name for p in paths} >= {"tiny.toml"}  # suite_*.toml are experiment grids
     for path in paths:
         config = load_config(path)
         (tmp_path / path.name).write_text(config.to_toml())
