@@ -208,8 +208,10 @@ def _padded_average(c: Clients, q: np.ndarray) -> tuple[Tensor, Tensor]:
 
 def _stacked(blocks: Sequence[tuple[float, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Σ q B_blk A_blk kept factored: B = [q_1 B_1 … ], A = [A_1; …]."""
-    B = torch.cat([q * Bb for q, Bb, _ in blocks], dim=1)  # (m, Σ r)
+    B = torch.cat([Bb for _, Bb, _ in blocks], dim=1)  # (m, Σ r)
     A = torch.cat([Ab for _, _, Ab in blocks], dim=0)  # (Σ r, n)
+    q = [q for q, Bb, _ in blocks for _ in range(Bb.shape[1])]  # one weight per column
+    B.mul_(torch.tensor(q, dtype=B.dtype, device=B.device))  # in place: no (m, Σ r) temporary
     return B, A
 
 

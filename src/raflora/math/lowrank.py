@@ -11,6 +11,18 @@ costing O((m + n) R² + R³) and never forming the m×n product. By Eckart–You
 approximation of B A is U_r S_r V_rᵀ, split into factors as ``"us"`` (B_r = U_r S_r,
 A_r = V_rᵀ, FlexLoRA) or ``"sqrt"`` (B_r = U_r √S_r, A_r = √S_r V_rᵀ).
 
+:func:`allocate` needs only the top r_max = max(ranks) triplets, and takes a faster route with
+the same result (Cholesky QR): from the R×R Gram matrices (half the flops of Householder QR,
+all in matrix products),
+
+    BᵀB = L_B L_Bᵀ,  A Aᵀ = L_A L_Aᵀ   (Cholesky),   Q_B = B L_B⁻ᵀ,  Q_A = Aᵀ L_A⁻ᵀ
+    B A = Q_B (L_Bᵀ L_A) Q_Aᵀ,  core L_Bᵀ L_A = U_c S V_cᵀ
+    U_r = B (L_B⁻ᵀ U_c[:, :r]),  V_rᵀ = (L_A⁻ᵀ V_c[:, :r])ᵀ A      (m×r and r×n products only)
+
+Its rounding error grows with the conditioning of the factors' columns, so when a Cholesky
+factor is singular or ill-conditioned for the dtype (e.g. a zero or a duplicated column) it falls
+back to the QR route above.
+
 Signs are fixed so that the largest-magnitude entry of each column of U is positive, which
 makes allocations reproducible across runs and array libraries.
 """
@@ -29,18 +41,67 @@ from raflora.math._arrays import validate_pair
 SPLITS = ("us", "sqrt")
 
 
-def _svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of B @ A on torch tensors: U (m, k), S (k,), Vt (k, n), k = min(m, n, R)."""
-    Q_B, R_B = torch.linalg.qr(B)  # (m, k1), (k1, R)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, k2), (k2, R)
-    U_c, S, Vt_c = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)  # (k1, k), (k,), (k, k2)
-    U = Q_B @ U_c  # (m, k)
-    Vt = Vt_c @ Q_A.mT  # (k, n)
-    # Deterministic signs: the largest-|.| entry of each column of U is positive.
+def _fix_signs(U: Tensor, S: Tensor, Vt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Deterministic signs: the largest-|.| entry of each column of U is positive (in place)."""
     pivot = U.abs().argmax(dim=0)  # (k,)
     signs = torch.sign(U[pivot, torch.arange(U.shape[1], device=U.device)])
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return U * signs, S, Vt * signs[:, None]
+    return U.mul_(signs), S, Vt.mul_(signs[:, None])
+
+
+def _svd(B: Tensor, A: Tensor, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of B @ A on torch tensors: U (m, k), S (k,), Vt (k, n), k = min(m, n, R),
+    or only the first ``top`` triplets (then S still has all k values)."""
+    Q_B, R_B = torch.linalg.qr(B)  # (m, k1), (k1, R)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, k2), (k2, R)
+    U_c, S, Vt_c = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    U = Q_B @ U_c[:, :top]  # (m, top)
+    Vt = Vt_c[:top] @ Q_A.mT  # (top, n)
+    return _fix_signs(U, S, Vt)
+
+
+# Cholesky QR is tried when eps(dtype) · κ² < _CHOLESKY_LIMIT (κ estimated from the Cholesky
+# factor of the column-equilibrated Gram matrix; float64: κ ≲ 7e6, float32: κ ≲ 290), and kept
+# when its singular vectors are orthonormal to _ORTHO_TOL · eps(dtype). Its error in the product
+# tracks that loss of orthogonality (about 10×), which stays at rounding level unless the top
+# directions of B A come from directions in which B or A is tiny.
+_CHOLESKY_LIMIT = 1e-2
+_ORTHO_TOL = 512
+
+
+def _gram_cholesky(X: Tensor) -> Tensor | None:
+    """Lower-triangular L (R, R) with XᵀX = L Lᵀ for X (m, R), or None when XᵀX is singular or
+    too ill-conditioned for X's dtype (a zero or near-duplicate column)."""
+    G = X.mT @ X  # (R, R)
+    d = G.diagonal().sqrt()  # column norms
+    if not bool((d > 0).all()):
+        return None
+    L, info = torch.linalg.cholesky_ex(G / d[:, None] / d)  # equilibrated: unit diagonal
+    if int(info) != 0:
+        return None
+    smallest = float(L.diagonal().min())  # ≈ 1/κ of the equilibrated columns
+    if smallest <= 0 or torch.finfo(X.dtype).eps / smallest**2 > _CHOLESKY_LIMIT:
+        return None
+    return L.mul_(d[:, None])  # XᵀX = D G̃ D = (D L̃)(D L̃)ᵀ
+
+
+def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``top`` triplets U (m, top), S (top,), Vt (top, n) of B @ A (Cholesky QR,
+    falling back to Householder QR for ill-conditioned factors)."""
+    L_B = _gram_cholesky(B)  # (R, R)
+    L_A = _gram_cholesky(A.mT) if L_B is not None else None  # (R, R)
+    if L_B is None or L_A is None:
+        U, S, Vt = _svd(B, A, top)
+        return U, S[:top], Vt
+    U_c, S, Vt_c = torch.linalg.svd(L_B.mT @ L_A)  # core (R, R)
+    M_B = torch.linalg.solve_triangular(L_B.mT, U_c[:, :top], upper=True)  # L_B⁻ᵀ U_c (R, top)
+    M_A = torch.linalg.solve_triangular(L_A.mT, Vt_c[:top].mT, upper=True)  # L_A⁻ᵀ V_c (R, top)
+    U, Vt = B @ M_B, M_A.mT @ A  # (m, top), (top, n)
+    eye = torch.eye(top, dtype=U.dtype, device=U.device)
+    drift = max(float((U.mT @ U - eye).abs().max()), float((Vt @ Vt.mT - eye).abs().max()))
+    if drift > _ORTHO_TOL * torch.finfo(U.dtype).eps:
+        U, S, Vt = _svd(B, A, top)
+    return _fix_signs(U, S[:top], Vt)
 
 
 def _svdvals(B: Tensor, A: Tensor) -> Tensor:
@@ -118,6 +179,8 @@ def allocate(
 
     Returns:
         ``(B_r, A_r)`` with shapes (m, r), (r, n) for an int rank, else a list of such pairs.
+        All pairs are views of one (m, r_max) and one (r_max, n) array (no copy per rank):
+        copy one before changing it in place.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
@@ -131,6 +194,13 @@ def allocate(
         raise ValueError("rank is an empty sequence; give at least one rank")
     for r in ranks:
         check_rank(r, available)
-    U, S, Vt = _svd(Bt, At)
-    pairs = [tuple(backend.out(x) for x in truncate(U, S, Vt, r, split)) for r in ranks]
+    U, S, Vt = _top_svd(Bt, At, max(ranks))  # (m, r_max), (r_max,), (r_max, n)
+    # Every rank's factors are leading slices of one pair: (U S)[:, :r] = U_r S_r.
+    if split == "us":
+        B_all, A_all = U.mul_(S), Vt  # (m, r_max), (r_max, n)
+    else:
+        root = S.sqrt()
+        B_all, A_all = U.mul_(root), Vt.mul_(root[:, None])
+    B_all, A_all = backend.out(B_all), backend.out(A_all)
+    pairs = [(B_all[:, :r], A_all[:r]) for r in ranks]
     return pairs[0] if single else pairs  # type: ignore[return-value]
