@@ -180,24 +180,44 @@ def test_same_seed_gives_the_same_metrics(runs) -> None:
     assert without_timing(other["history"]) != without_timing(a["history"])
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path) -> None:
-    full = method_run(runs, "raflora")
+RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
+    "raflora": ["federation.method=raflora"],
+    "flora": ["federation.method=flora", "federation.apply=merge"],
+    "hetlora-pruned": [  # clients shrink their rank every round
+        "federation.method=hetlora",
+        "train.hetlora_prune_threshold=1e9",
+        "train.hetlora_gamma=0.5",
+    ],
+    "partial": ["federation.method=flexlora", "federation.fraction_train=0.67", "run.seed=3"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RESUMABLE))
+def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path, kind):
+    overrides = RESUMABLE[kind]
+    full = runs(f"resume-{kind}", *overrides)
     run_dir = tmp_path / "resumed"
-    run_in_process(tiny_config(tiny_bert_dir, "federation.rounds=1"), run_dir, finish=False)
+    stopped = tiny_config(tiny_bert_dir, *overrides, "federation.rounds=1")
+    run_in_process(stopped, run_dir, finish=False)
     assert not (run_dir / "checkpoints" / "round_002").exists()
-    resumed = run_in_process(tiny_config(tiny_bert_dir), run_dir, resume=True, finish=False)
+    config = tiny_config(tiny_bert_dir, *overrides)
+    resumed = run_in_process(config, run_dir, resume=True, finish=False)
     assert without_timing(resumed["history"]) == without_timing(full["history"])
     # round 1 was not run again: only round 2 went to the clients
-    assert {m.metadata.group_id for m in train_messages(resumed["grid"], 2)} == {"2"}
     assert train_messages(resumed["grid"], 1) == []
-    a, _ = load_checkpoint(full["run_dir"] / "checkpoints" / "round_002")
-    b, _ = load_checkpoint(run_dir / "checkpoints" / "round_002")
-    for name in a.adapter:
-        for part in ("U", "S", "Vt"):
-            assert (
-                getattr(a.adapter[name], part).tobytes() == getattr(b.adapter[name], part).tobytes()
-            )
+    assert train_messages(resumed["grid"], 2) != []
+    a, meta_a = load_checkpoint(full["run_dir"] / "checkpoints" / "round_002")
+    b, meta_b = load_checkpoint(run_dir / "checkpoints" / "round_002")
+    assert a.ranks == b.ranks and meta_a["bounds"] == meta_b["bounds"]
+    for kind_of_update in ("adapter", "merged"):
+        x, y = getattr(a, kind_of_update), getattr(b, kind_of_update)
+        assert x.keys() == y.keys()
+        for name in x:
+            for part in ("U", "S", "Vt"):
+                assert getattr(x[name], part).tobytes() == getattr(y[name], part).tobytes()
     assert all(a.dense[k].tobytes() == b.dense[k].tobytes() for k in a.dense)
+    if kind == "hetlora-pruned":
+        assert a.ranks != {0: 2, 1: 4, 2: 8}  # the pruning did happen
 
 
 def test_resume_refuses_a_different_config(runs, tiny_bert_dir) -> None:

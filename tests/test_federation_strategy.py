@@ -171,7 +171,8 @@ def test_ranks_in_the_state_win_over_the_nodes_report() -> None:
     state = global_state()
     state = GlobalState(state.round, state.adapter, {}, state.dense, {2: 5})  # HetLoRA-pruned
     s = strategy(state=state)
-    assert s.rank_of(2) == 5 and s.settings.bounds == (2, 4, 5)  # r_cap follows the prune
+    assert s.rank_of(2) == 5
+    assert s.settings.bounds == (2, 4, 8)  # partitions: the configured ranks, as before resuming
     out = {m.metadata.dst_node_id: m for m in s.configure_train(2, None, ConfigRecord(), None)}
     lora, _, _ = msg.unpack(out[NODE[2]].content[msg.ARRAYS])
     assert lora["enc.0.query"][1].shape[0] == 5

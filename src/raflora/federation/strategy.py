@@ -100,13 +100,19 @@ class HeteroRankStrategy(Strategy):
 
     # ------------------------------------------------------------------ nodes and sampling
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
-        """Record the clients found by the query round; ranks already in the state win."""
+        """Record the clients found by the query round; ranks already in the state win.
+
+        The rank partitions (diagnostics, carry-over's r_cap) come from the ranks the clients
+        report, i.e. the configured ones, not from ranks HetLoRA pruned since: a resumed run
+        must use the same partitions as an uninterrupted one.
+        """
+        nodes = list(nodes)
         for node in nodes:
             rank = self.state.ranks.get(node.partition_id, node.rank)
             self.nodes[node.partition_id] = NodeInfo(
                 node.node_id, node.partition_id, rank, node.num_examples
             )
-        ranks = {n.rank for n in self.nodes.values()} | set(self.state.ranks.values())
+        ranks = {node.rank for node in nodes}
         self.settings = replace(self.settings, bounds=tuple(sorted(ranks)))
 
     def sample(self, server_round: int) -> list[int]:
