@@ -18,7 +18,7 @@ from flwr.app import MessageType
 
 from helpers.fakegrid import FakeGrid
 from helpers.runs import check_run_outputs, run_in_process, tiny_config, without_timing
-from raflora.config import ConfigError
+from raflora.config import ConfigError, load_config
 from raflora.federation import messages as msg
 from raflora.federation import task
 from raflora.federation.checkpoint import load_checkpoint
@@ -222,9 +222,12 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp
 
 def test_resume_refuses_a_different_config(runs, tiny_bert_dir) -> None:
     run = method_run(runs, "raflora")
+    before = (run["run_dir"] / "config.toml").read_text()
     changed = tiny_config(tiny_bert_dir, "train.lr=0.5")
     with pytest.raises(ConfigError, match=r"train\.lr: 0\.001 → 0\.5"):
         run_in_process(changed, run["run_dir"], resume=True, finish=False)
+    assert (run["run_dir"] / "config.toml").read_text() == before  # still the run's config
+    assert load_config(run["run_dir"] / "config.toml") == run["config"]
 
 
 # --------------------------------------------------------------------------- export

@@ -11,7 +11,7 @@ from helpers.fakegrid import FakeGrid, task_identity
 from raflora.config import Config, load_config
 from raflora.federation.checkpoint import load_checkpoint
 from raflora.federation.finish import finish_run
-from raflora.federation.outputs import SCALARS, write_config
+from raflora.federation.outputs import SCALARS
 from raflora.federation.server import FederatedRun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +44,6 @@ def run_in_process(
     finish: bool = True,
 ) -> dict[str, Any]:
     """What `run_federated` does, with the ClientApp served in-process instead of by Ray."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
     grid = grid or FakeGrid([{"partition-id": i} for i in range(config.clients.num_clients)])
     with task_identity():
         state = FederatedRun(config, run_dir, resume=resume).main(grid)

@@ -24,7 +24,7 @@ from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.global_state import GlobalState
-from raflora.federation.outputs import write_metrics
+from raflora.federation.outputs import write_config, write_metrics
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.validation import Expectation
@@ -191,6 +191,9 @@ class FederatedRun:
         config = self.config
         evaluator = ServerEvaluator.load(config)
         state = self._start(evaluator)
+        # only now: a refused resume must not overwrite the config the run was made with
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(self.run_dir, config)
         expectation = Expectation(
             modules=evaluator.module_shapes(),
             dense=evaluator.dense_shapes(evaluator.initial_state()),

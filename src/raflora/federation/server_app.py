@@ -14,7 +14,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from raflora.config import Config, load_config
 from raflora.federation.finish import finish_run
-from raflora.federation.outputs import write_config
 from raflora.federation.progress import Reporter
 from raflora.federation.server import FederatedRun
 
@@ -47,7 +46,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, run_dir, resume = config_from_run_config(dict(context.run_config))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)  # as the simulation does: the resolved config.toml
     FederatedRun(config, run_dir, resume=resume).main(grid)
     finish_run(config, run_dir)

@@ -52,12 +52,10 @@ def run_federated(
 
     from raflora.federation.client_app import app as client_app
     from raflora.federation.finish import finish_run
-    from raflora.federation.outputs import write_config
     from raflora.federation.server_app import make_server_app
 
     run_dir = Path(run_dir or Path(config.run.out_dir) / config.run.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    run_dir.mkdir(parents=True, exist_ok=True)  # config.toml: written by FederatedRun.main
     start = time.perf_counter()
     run_simulation(
         server_app=make_server_app(config, run_dir, resume=resume, reporter=reporter),
