@@ -118,6 +118,7 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
     assert (state.adapter == {}) == merge and (state.merged == {}) != merge
     most = min(32, (2 if merge else 1) * sum(ranks.values()))  # D_2 = ΔW_1 + ΔW_2 when merged
     assert len(total) == 4 and all(0 < u.rank <= most for u in total.values())
+    assert history[2]["global_rank"] == max(u.rank for u in total.values())
     assert state.ranks == ranks
 
 

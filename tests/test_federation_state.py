@@ -243,6 +243,7 @@ def test_merge_mode_accumulates_merged_updates() -> None:
             assert diag["per_module"][name]["top_rmin_energy"] == pytest.approx(energy, rel=1e-4)
         assert state.adapter == {}
         assert state.total_update() is state.merged
+        assert diag["global_rank"] == max(u.rank for u in state.merged.values()) > 0
     assert state.round == 2
 
 

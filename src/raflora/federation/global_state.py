@@ -242,9 +242,8 @@ def aggregate_round(
     diagnostics = summarize_modules(per_module)
     diagnostics["carried_energy_share"] = float(np.mean(carried_energy)) if carried_energy else 0.0
     diagnostics["predicted_retention"] = predicted_retention(ranks, weights)
-    diagnostics["global_rank"] = (
-        int(max(u.rank for u in new_adapter.values())) if new_adapter else 0
-    )
+    total = new_adapter or new_merged  # merge mode: the rank of D_t merged into the base
+    diagnostics["global_rank"] = int(max(u.rank for u in total.values())) if total else 0
     diagnostics["per_module"] = per_module
     new_state = GlobalState(
         round=state.round + 1,
