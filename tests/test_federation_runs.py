@@ -333,3 +333,21 @@ def test_rounds_with_too_few_clients_are_skipped_and_nothing_is_exported(runs) -
     assert not (run["run_dir"] / "adapter").exists()
     # the server's evaluation is the round-0 model's every round
     assert history[2]["server_loss"] == history[0]["server_loss"]
+
+
+def test_sparse_server_evaluation_and_clipped_updates(runs) -> None:
+    """eval.every=2 of 3 rounds: the server evaluates rounds 0, 2 and the last; a tiny norm
+    bound with the clip policy clips every module of every client and still aggregates."""
+    run = runs(
+        "every-2-clip",
+        "federation.rounds=3",
+        "eval.every=2",
+        "federation.max_update_norm=0.01",
+        "federation.norm_policy=clip",
+    )
+    history = run["history"]
+    assert [r["server_accuracy"] is not None for r in history] == [True, False, True, True]
+    assert all(r["clipped_modules"] == 3 * 4 and r["ok"] == 3 for r in history[1:])
+    summary = finish_run(run["config"], run["run_dir"])
+    assert summary["final_accuracy"] == history[3]["server_accuracy"]
+    check_run_outputs(run["run_dir"], 3)
