@@ -8,12 +8,48 @@ transformers and PEFT, so even 2 tiny rounds take about 2 minutes on 2 busy core
 
 from __future__ import annotations
 
+import importlib
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from helpers.loopback import CONNECTION, Loopback
 from helpers.runs import ROOT, TINY, check_run_outputs
+from raflora.config import ConfigError, load_config
+from raflora.federation.server_app import config_from_run_config
+
+
+def test_deploy_app_folder_points_at_the_installed_apps() -> None:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    project = tomllib.loads((ROOT / "deploy" / "pyproject.toml").read_text())
+    assert [p.name for p in (ROOT / "deploy").iterdir()] == ["pyproject.toml"]  # no code in FAB
+    app = project["tool"]["flwr"]["app"]
+    assert set(app["config"]) == {"config-file", "overrides", "out-dir", "resume"}
+    expected = {"serverapp": ServerApp, "clientapp": ClientApp}
+    for kind, ref in app["components"].items():
+        module, attribute = ref.split(":")
+        assert isinstance(getattr(importlib.import_module(module), attribute), expected[kind])
+
+
+def test_run_config_becomes_config_run_folder_and_resume(tiny_bert_dir: Path, tmp_path) -> None:
+    run_config = {
+        "config-file": str(TINY),
+        "overrides": f" federation.rounds=3;model.path={tiny_bert_dir} ; clients.ranks=[2, 4, 8];",
+        "out-dir": str(tmp_path),
+        "resume": True,
+    }
+    config, run_dir, resume = config_from_run_config(run_config)
+    assert config.federation.rounds == 3 and config.clients.ranks == [2, 4, 8]
+    assert config.model.path == str(tiny_bert_dir)
+    assert run_dir == tmp_path / "tiny" and resume is True
+    defaults = {"config-file": "", "overrides": "", "out-dir": "", "resume": False}
+    config, run_dir, resume = config_from_run_config(defaults)
+    assert config == load_config() and run_dir == Path("runs") / "run" and resume is False
+    with pytest.raises(ConfigError, match=r"^federation\.rounds"):
+        config_from_run_config({**defaults, "overrides": "federation.rounds=0"})
 
 
 @pytest.fixture
