@@ -42,13 +42,16 @@ def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     cache: dict[str, dict] = {}
 
     def get(key: str, *overrides: str, **kwargs) -> dict:
-        if key not in cache:
+        if key in cache:
+            assert cache[key]["overrides"] == overrides, f"two runs named {key!r}"
+        else:
             config = tiny_config(tiny_bert_dir, *overrides)
             if "drop" in kwargs:
                 nodes = [{"partition-id": i} for i in range(config.clients.num_clients)]
                 kwargs["grid"] = FakeGrid(nodes, drop=kwargs.pop("drop"))
             run_dir = tmp_path_factory.mktemp(key)
             cache[key] = {
+                "overrides": overrides,
                 "config": config,
                 "run_dir": run_dir,
                 **run_in_process(config, run_dir, finish=False, **kwargs),
@@ -196,7 +199,10 @@ RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
 @pytest.mark.parametrize("kind", sorted(RESUMABLE))
 def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path, kind):
     overrides = RESUMABLE[kind]
-    full = runs(f"resume-{kind}", *overrides)
+    # raflora and flora: the same configs as the every-method runs, which are reused
+    reuse = kind in ("raflora", "flora")
+    full = method_run(runs, kind) if reuse else runs(f"resume-{kind}", *overrides)
+    assert full["config"] == tiny_config(tiny_bert_dir, *overrides)
     run_dir = tmp_path / "resumed"
     stopped = tiny_config(tiny_bert_dir, *overrides, "federation.rounds=1")
     run_in_process(stopped, run_dir, finish=False)
