@@ -55,6 +55,15 @@ def test_pack_unpack_round_trip_is_exact() -> None:
     assert np.array_equal(dense2["classifier.weight"], head()["classifier.weight"])
 
 
+def test_module_names_that_look_like_the_dense_prefix_round_trip() -> None:
+    """A top-level module called "dense" (key "dense.lora_A") is a LoRA module, not a head."""
+    lora = {"dense": (np.ones((3, 2), np.float32), np.ones((2, 4), np.float32))}
+    heads = {"dense.bias": np.ones(3, np.float32), "dense": np.zeros(2, np.float32)}
+    got_lora, _, got_dense = msg.unpack(msg.pack(lora=lora, dense=heads))
+    assert set(got_lora) == {"dense"} and got_lora["dense"][0].shape == (3, 2)
+    assert set(got_dense) == {"dense.bias", "dense"}
+
+
 def test_pack_casts_to_float32_and_empty_pack_is_empty() -> None:
     record = msg.pack(lora={"m": (np.ones((2, 1)), np.ones((1, 3)))})  # float64 in
     assert record["m.lora_B"].numpy().dtype == np.float32

@@ -36,6 +36,7 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 TRAIN_LOSS = "train-loss"
 SECONDS = "seconds"
+TRAIN_SECONDS = "train-seconds"
 
 LORA_B, LORA_A = ".lora_B", ".lora_A"
 MERGED_B, MERGED_A = ".merged_B", ".merged_A"
@@ -74,9 +75,8 @@ def unpack(
     dense: dict[str, np.ndarray] = {}
     for key in record:
         value = record[key].numpy()
-        if key.startswith(DENSE):
-            dense[key[len(DENSE) :]] = value
-            continue
+        # factor suffixes first: a module may itself be called "dense" (key "dense.lora_A"),
+        # while dense trainables never end in a factor suffix (they exclude LoRA parameters)
         for group, (suffix_b, suffix_a) in (
             ("lora", (LORA_B, LORA_A)),
             ("merged", (MERGED_B, MERGED_A)),
@@ -86,7 +86,9 @@ def unpack(
                 halves[group].setdefault(name, {})[part] = value
                 break
         else:
-            raise MessageFormatError(f"unexpected array key {key!r}")
+            if not key.startswith(DENSE):
+                raise MessageFormatError(f"unexpected array key {key!r}")
+            dense[key[len(DENSE) :]] = value
     out = []
     for group in ("lora", "merged"):
         pairs = {}
