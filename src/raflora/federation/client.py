@@ -9,8 +9,10 @@ base weights, ``W ← W + B_g A_g``, and starts from a fresh LoRA.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -94,6 +96,71 @@ def build_round_model(
     return model
 
 
+@dataclass
+class RoundModels:
+    """A process's reusable adapter-mode model for one base: ONE PEFT copy of the base with one
+    LoRA adapter per rank seen (``"default"`` for the first), and each adapter's initial head."""
+
+    model: nn.Module
+    adapters: dict[int, str] = field(default_factory=dict)  # rank → adapter name
+    heads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # rank → init head
+
+
+# base model → its RoundModels; weak, so it goes with the base when the context caches clear
+_ROUND_MODELS: weakref.WeakKeyDictionary[nn.Module, RoundModels] = weakref.WeakKeyDictionary()
+
+
+def reused_round_model(
+    ctx: ClientContext,
+    rank: int,
+    lora: dict[str, Factors],
+    dense: dict[str, np.ndarray],
+    seed: int,
+) -> nn.Module:
+    """`build_round_model` in adapter mode without rebuilding the model every round.
+
+    Copying the base and injecting LoRA (`get_peft_model`) costs more than a few training
+    steps, so the copy is made once per process and base; each rank gets its own adapter on it
+    (activated with ``set_adapter``, so only its parameters train). Every round then overwrites
+    all trainable state: the LoRA factors (`set_factors`: given directions, seeded fresh init
+    for the rest) and the head (the received one, or the adapter's initial copy), which makes
+    the model equal, parameter for parameter, to a freshly built one.
+    """
+    slot = _ROUND_MODELS.get(ctx.base)
+    if slot is None:
+        model = task.lora_model(ctx.config, ctx.base, rank, seed)
+        slot = _ROUND_MODELS[ctx.base] = RoundModels(model, {rank: "default"})
+        slot.heads[rank] = get_dense_trainables(model)
+    model = slot.model
+    if rank not in slot.adapters:
+        name = slot.adapters[rank] = f"rank{rank}"
+        config = dataclasses.replace(model.peft_config["default"], r=rank)
+        with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep the caller's RNG
+            model.add_adapter(name, config)
+        model.set_adapter(name)
+        slot.heads[rank] = get_dense_trainables(model)
+    model.set_adapter(slot.adapters[rank])
+    set_factors(model, lora, seed=seed)
+    head = {k: torch.from_numpy(v) for k, v in dense.items()} if dense else slot.heads[rank]
+    if head:
+        set_dense_trainables(model, head)
+    return model
+
+
+def round_model(
+    ctx: ClientContext,
+    rank: int,
+    lora: dict[str, Factors],
+    merged: dict[str, Factors],
+    dense: dict[str, np.ndarray],
+    seed: int,
+) -> nn.Module:
+    """The round's model: reused in adapter mode, built afresh on the merged base otherwise."""
+    if merged:
+        return build_round_model(ctx, rank, lora, merged, dense, seed)
+    return reused_round_model(ctx, rank, lora, dense, seed)
+
+
 def _numpy(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Factors]:
     return {name: (B.numpy(), A.numpy()) for name, (B, A) in factors.items()}
 
@@ -122,7 +189,7 @@ def train_round(
     config, start = ctx.config, time.perf_counter()
     configure_threads(config.train.threads)
     seed = task.derived_seed(config.run.seed, "client", server_round, ctx.partition_id)
-    model = build_round_model(ctx, rank, lora, merged, dense, seed)
+    model = round_model(ctx, rank, lora, merged, dense, seed)
     train = config.train
     result = train_local(
         model,
@@ -160,7 +227,7 @@ def evaluate_round(
     if ctx.data.val is None:
         return {"num-examples": 0}
     configure_threads(ctx.config.train.threads)
-    model = build_round_model(ctx, rank, lora, merged, dense, seed=ctx.config.run.seed)
+    model = round_model(ctx, rank, lora, merged, dense, seed=ctx.config.run.seed)
     result = evaluate(model, ctx.data.val, batch_size=ctx.config.eval.batch_size)
     metrics = {f"val-{key.replace('/', '-')}": float(v) for key, v in result.items()}
     metrics["num-examples"] = int(result.get("num_examples", len(ctx.data.val)))
