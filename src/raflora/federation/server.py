@@ -128,6 +128,7 @@ def round_record(
         "rejections": {str(k): v for k, v in current.rejected.items()},
         "server_metrics": server,
         "client_metrics": client,
+        "client_time": {str(k): v for k, v in sorted(current.client_time.items())},
         "per_module": diag.get("per_module", {}),
     }
 

@@ -61,6 +61,9 @@ class RoundLog:
     train_loss: float = float("nan")
     diagnostics: dict = field(default_factory=dict)
     client_eval: dict = field(default_factory=dict)
+    # partition id → the client's own wall time of its round: {"seconds": total, "train":
+    # {"seconds": local steps only}} (every timing field is named "seconds")
+    client_time: dict[int, dict] = field(default_factory=dict)
 
 
 def weighted_mean(values: list[tuple[float, float]]) -> float:
@@ -199,6 +202,11 @@ class HeteroRankStrategy(Strategy):
             return None
         log_.bytes_received += record.count_bytes()
         log_.clipped_modules += clipped
+        total, train = metrics.get(msg.SECONDS), metrics.get(msg.TRAIN_SECONDS)
+        log_.client_time[pid] = {
+            "seconds": None if total is None else float(total),
+            "train": {"seconds": None if train is None else float(train)},
+        }
         return update
 
     def aggregate_train(
