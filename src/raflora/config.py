@@ -164,8 +164,9 @@ class FederationSection(_Section):
     """share of clients sampled per round"""
     min_clients: PositiveInt = 1
     """fewest successful replies for a round to count"""
-    apply: Literal["adapter", "merge"] = "adapter"
-    """keep global update as LoRA, or merge it"""
+    apply: Literal["adapter", "merge"] | None = None
+    """keep the global update as the LoRA (adapter) or merge it into the base (merge); default:
+    merge for flora (as in its paper), adapter otherwise"""
     carry_over: bool | None = None
     """keep uncovered directions; default: on for raflora only"""
     split: Literal["us", "sqrt"] = "us"
@@ -200,6 +201,13 @@ class FederationSection(_Section):
         if method is not None:  # else the method's own error is reported
             method_options(method, **options)  # raises ValueError naming the bad option
         return options
+
+    @property
+    def apply_mode(self) -> str:
+        """Apply-mode default: merge for flora (FLoRA merges each round), adapter otherwise."""
+        if self.apply is not None:
+            return self.apply
+        return "merge" if self.method == "flora" else "adapter"
 
     @property
     def carry_over_enabled(self) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -11,8 +12,17 @@ from raflora.config import Config
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("Annotated[", "").split(", FieldInfo")[0]
+    """``int``, ``list[int] | None``, ``"adapter" | "merge"``… for a field's annotation."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def fields() -> list[tuple[str, str, str, str]]:
@@ -28,7 +38,7 @@ def fields() -> list[tuple[str, str, str, str]]:
                     f"{section}.{name}",
                     _type_name(field.annotation),
                     default,
-                    field.description or "",
+                    " ".join((field.description or "").split()),
                 )
             )
     return rows
@@ -37,7 +47,9 @@ def fields() -> list[tuple[str, str, str, str]]:
 def as_markdown() -> str:
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for name, kind, default, text in fields():
-        kind, text = kind.replace("|", "&#124;"), text.replace("|", "&#124;")
+        kind, text = (
+            t.replace("|", "&#124;").replace("<", "&lt;").replace(">", "&gt;") for t in (kind, text)
+        )
         lines.append(f"| `{name}` | {kind} | `{default}` | {text} |")
     return "\n".join(lines)
 

@@ -96,7 +96,7 @@ class HeteroRankStrategy(Strategy):
         self.settings = RoundSettings(
             method=fed.method,
             options=dict(fed.options),
-            apply=fed.apply,
+            apply=fed.apply_mode,
             carry_over=fed.carry_over_enabled,
             bounds=(1,),
         )
@@ -289,7 +289,7 @@ class HeteroRankStrategy(Strategy):
             "min_clients=%d, clients=%d, ranks=%s)",
             fed.method,
             fed.options,
-            fed.apply,
+            fed.apply_mode,
             self.settings.carry_over,
             fed.fraction_train,
             fed.min_clients,
