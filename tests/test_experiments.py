@@ -85,7 +85,7 @@ def test_expansion_sets_each_cell_and_shares_equal_runs() -> None:
         config.run.name,
         "/tmp/out/runs",
     )
-    assert config.federation.method == "raflora" and config.federation.apply == "adapter"
+    assert config.federation.method == "raflora" and config.federation.apply_mode == "adapter"
     assert plan.configs["flora_uniform_a1_f1_s0"].federation.apply == "merge"
     assert plan.configs["fedit-r_max_r16_a1_f1_s0"].clients.ranks == [16]
 

@@ -103,7 +103,7 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
         assert 0 <= record["server_accuracy"] <= 1 and math.isfinite(record["server_loss"])
         assert record["bytes_received"] > 0 and record["bytes_sent"] > 0
         assert 0 < record["top_rmin_energy"] <= 1 + 1e-9
-    merge = config.federation.apply == "merge"
+    merge = config.federation.apply_mode == "merge"
     for message in train_messages(grid, 2):  # round 2: every client starts from the global model
         pid = pid_of(grid, message)
         assert message.content[msg.CONFIG][msg.RANK] == ranks[pid]
