@@ -239,7 +239,7 @@ class ReportWriter:
         suite = self.plan.suite.suite
         manifest = self.suite_dir / "suite.json"
         meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        walls = [r.summary.get("wall_seconds") or 0.0 for r in self.results.values()]
+        walls = [run_metrics(r, [1])["wall_seconds"] or 0.0 for r in self.results.values()]
         failed = [k for k, v in meta.get("runs", {}).items() if v.get("status") == "failed"]
         machine = meta.get("machine", {})
         self.lines += [f"## Suite `{suite.name}`", ""]
@@ -252,10 +252,25 @@ class ReportWriter:
             f"({len(self.plan.cells)} grid cells; equal configs share a run)"
             + (f"; failed: {', '.join(failed)}" if failed else ""),
             f"- seeds: {sorted({c.seed for c in self.plan.cells})}",
-            f"- wall time: {sum(walls) / 3600:.2f} h summed over runs "
+            f"- compute: {sum(walls) / 3600:.2f} h of rounds summed over runs "
             f"(executor {meta.get('executor', suite.executor)}, "
             f"{meta.get('workers', suite.workers)} at once)",
             f"- machine: {machine.get('cpus', '?')} CPUs, {machine.get('platform', '?')}",
+            "",
+        ]
+
+    def notes(self) -> None:
+        self.lines += [
+            "Columns: accuracy on the server's held-out test set (final: last round; best: "
+            "best round); top-r_min energy: share of ‖ΔW‖²_F in the top r_min singular "
+            "directions of the final global update (r_min of the row's rank configuration), "
+            "mean over LoRA modules; eff. rank: exp(entropy of σ²/Σσ²), mean over modules; "
+            "‖ΔW‖_F: over all modules; bytes/round: sent + received; wall s: sum of the "
+            "rounds' wall-clock seconds (training, aggregation, evaluation, checkpoint), "
+            "noisy on a shared machine. Mean ± sample std over seeds (seeds: finished/planned). "
+            "fedit@r_max / fedit@r_min: every client at the configuration's largest / smallest "
+            "rank. flora merges each round's update into the base weights: its energy, "
+            "effective rank and norm are those of the last round's update.",
             "",
         ]
 
@@ -264,6 +279,7 @@ class ReportWriter:
             shutil.rmtree(self.plots)
         self.lines = []
         self.header(command)
+        self.notes()
         for grid in self.plan.suite.grid:
             groups = group_cells(self.plan, grid.name)
             self.lines += [f"### Grid `{grid.name}`", ""]

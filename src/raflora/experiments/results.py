@@ -122,6 +122,11 @@ def run_metrics(result: RunResult, bounds: Sequence[int]) -> dict[str, Any]:
     """The table's numbers for one run, with top-r_min energy for the setting's ``bounds``."""
     s = result.summary
     out = {key: s.get(key) for key in METRICS}
+    # every round once, also when the run was interrupted and resumed (run.json's wall time
+    # covers the last attempt only); model loading and start-up are not included
+    seconds = [r.get("seconds") for r in result.history if r["round"] > 0]
+    if seconds and all(isinstance(x, (int, float)) for x in seconds):
+        out["wall_seconds"] = float(sum(seconds))
     if result.trained:
         shares = partition_energy(result.trained[-1], bounds)
         if shares is not None:
