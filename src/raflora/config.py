@@ -10,7 +10,9 @@ Errors are one line per problem, naming the dotted field and what is allowed, e.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +38,11 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,  # TOML has nan and inf; no field means them
     )
 
 
@@ -72,7 +78,10 @@ class ModelSection(_Section):
 
         # raises ValueError naming what was tried and the aliases; materialize=False: checking
         # an alias must not convert or build the model (every client validates the config)
-        resolve_model(path, materialize=False)
+        try:
+            resolve_model(path, materialize=False)
+        except (OSError, RuntimeError) as error:  # name too long, unknown ~user, ...
+            raise ValueError(f"{path!r} is not a usable path ({error})") from None
         return path
 
 
@@ -323,7 +332,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {assignment!r}: expected section.key=value")
     key, raw = assignment.split("=", 1)
     path = [part.strip() for part in key.strip().split(".")]
-    if len(path) < 2 or not all(path):
+    if len(path) < 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]+", part) for part in path):
         raise ConfigError(f"--set {assignment!r}: key must look like section.key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
@@ -334,7 +343,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each ``section.key=value`` applied."""
-    merged = json.loads(json.dumps(data))
+    merged = copy.deepcopy(data)  # not a JSON round trip: TOML dates would raise TypeError
     for assignment in overrides:
         path, value = parse_override(assignment)
         node = merged
