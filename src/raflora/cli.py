@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from raflora.config import Config, ConfigError, load_config
 
@@ -48,7 +49,7 @@ def _setup(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")  # escaped: paths may hold [brackets]
     raise typer.Exit(2)
 
 
@@ -92,13 +93,15 @@ def run(
 
 
 def _simulate(cfg: Config, *, resume: bool, progress: bool) -> dict:
+    from raflora.federation.checkpoint import CheckpointError
+    from raflora.federation.preflight import RunSetupError
     from raflora.federation.progress import LogReporter, RichReporter
     from raflora.federation.simulation import run_federated
 
     reporter = RichReporter(console=err) if progress else LogReporter()
     try:
         return run_federated(cfg, resume=resume, reporter=reporter)
-    except ConfigError as error:
+    except (ConfigError, RunSetupError, CheckpointError) as error:  # bad data, damaged resume
         _fail(str(error))
         raise
 

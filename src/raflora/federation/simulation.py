@@ -52,9 +52,11 @@ def run_federated(
 
     from raflora.federation.client_app import app as client_app
     from raflora.federation.finish import finish_run
+    from raflora.federation.preflight import check_run
     from raflora.federation.server_app import make_server_app
 
     run_dir = Path(run_dir or Path(config.run.out_dir) / config.run.name)
+    check_run(config, run_dir, resume=resume)  # bad data or checkpoint: one line, before Ray
     run_dir.mkdir(parents=True, exist_ok=True)  # config.toml: written by FederatedRun.main
     start = time.perf_counter()
     run_simulation(

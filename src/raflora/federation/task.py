@@ -86,6 +86,7 @@ def local_split(config: Config, share: np.ndarray, client: int) -> tuple[np.ndar
     """Split a client's share into local train / local validation indices (seeded)."""
     fraction = config.data.local_val_fraction
     n_val = round(fraction * len(share)) if fraction > 0 and len(share) > 1 else 0
+    n_val = min(n_val, len(share) - 1)  # a client always keeps a training example
     order = np.random.default_rng(derived_seed(config.run.seed, "val", client)).permutation(share)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 

@@ -29,19 +29,29 @@ class Fields:
     answer: str | None = None
 
 
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
+
+
+def _jsonl_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON allows U+2028
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: malformed JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    for number, line in enumerate(_jsonl_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: malformed JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
@@ -51,6 +61,11 @@ def _csv_rows(path: Path) -> Iterator[Row]:
         frame = pd.read_csv(path, keep_default_na=False, dtype=str)
     except pd.errors.EmptyDataError:
         return
+    except pd.errors.ParserError as error:  # e.g. a row with more cells than the header
+        message = " ".join(str(error).split())
+        raise ValueError(f"{path}: malformed CSV ({message})") from None
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
     for number, record in enumerate(frame.to_dict("records"), start=2):  # line 1 is the header
         yield f"{path} line {number}", record
 
@@ -61,9 +76,15 @@ def _numbered(records: list[dict], path: Path) -> Iterator[Row]:
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from _numbered(pq.read_table(path).to_pylist(), path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        message = " ".join(str(error).split())
+        raise ValueError(f"{path}: unreadable Parquet file ({message})") from None
+    yield from _numbered(table.to_pylist(), path)
 
 
 def read_rows(path: Path) -> list[Row]:

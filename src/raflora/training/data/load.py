@@ -51,6 +51,12 @@ def _general(
         rows = train_rows + (test_rows or [])
         examples, label_list = classification_examples(rows, fields, names, num_labels, label_field)
         label_names = tuple(label_list)
+        present = sorted({example.label for example in examples})
+        if len(present) < 2:
+            raise ValueError(
+                f"{path}: only one label value ({label_names[present[0]]!r}) in field "
+                f"{label_field!r}; classification needs at least 2 classes"
+            )
     if test_rows is None:
         train_idx, test_idx = stratified_split([ex.label for ex in examples], test_fraction, seed)
         train, test = take(examples, train_idx), take(examples, test_idx)

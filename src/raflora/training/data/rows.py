@@ -80,7 +80,9 @@ def classification_examples(
     raw = [_get(row, label_field) for row in rows]
     names, numeric = label_vocabulary(raw, names)
     if num_labels is None:
-        num_labels = len(names) if names else max(int(v) for v in raw) + 1
+        # integer labels are class indices: never more classes than examples (a stray huge
+        # label would otherwise build a classifier head of that size)
+        num_labels = len(names) if names else min(max(int(v) for v in raw) + 1, len(rows))
     examples: list[Example] = [
         TextExample(
             text=str(_get(row, text_field)),
