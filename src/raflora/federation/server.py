@@ -32,6 +32,9 @@ from raflora.training import partition_table
 
 log = logging.getLogger("raflora")
 RESUMABLE_CHANGES = {("federation", "rounds")}  # may differ between a run and its resumption
+# Finding the clients waits at least this long, however short the round timeout: the query is
+# every client's first message (process start, imports, model and data loading).
+STARTUP_TIMEOUT_S = 600.0
 
 
 class RunAborted(RuntimeError):
@@ -203,7 +206,8 @@ class FederatedRun:
             allow_lower_rank=config.federation.method == "hetlora",
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
-        strategy.register_nodes(discover_nodes(grid, config, config.federation.round_timeout_s))
+        startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)
+        strategy.register_nodes(discover_nodes(grid, config, startup))
         strategy.summary()
         self.reporter.show(client_table(config, strategy))
         self.bounds = list(strategy.settings.bounds)

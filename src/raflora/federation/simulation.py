@@ -26,9 +26,15 @@ def backend_config(config: Config) -> dict[str, Any]:
     """Ray resources: one actor per `num_cpus_per_client` CPUs, a small object store."""
     sim = config.simulation
     return {
-        "client_resources": {
+        "client_resources": {  # passed to the actors' .options(...)
             "num_cpus": sim.num_cpus_per_client,
             "num_gpus": sim.num_gpus_per_client,
+            # A client process that exits (faults.mode=vanish, OOM, segfault) kills its Ray
+            # actor, and Flower puts the dead actor back into its pool: every later message it
+            # gets fails too. Restart dead actors, and retry a message once when its actor died
+            # under it, so only the client that died is reported failed.
+            "max_restarts": -1,
+            "max_task_retries": 1,
         },
         "init_args": {
             "num_cpus": os.cpu_count() or 1,

@@ -16,6 +16,8 @@ reproducible.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -64,6 +66,26 @@ class RoundLog:
     # partition id → the client's own wall time of its round: {"seconds": total, "train":
     # {"seconds": local steps only}} (every timing field is named "seconds")
     client_time: dict[int, dict] = field(default_factory=dict)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WRAPPED = re.compile(r"<class '(?P<cls>[^']+)'>:<'(?P<text>.*)'>", re.S)  # Flower's error reason
+_RAISED = re.compile(r"^(?P<cls>[A-Za-z_][\w.]*): (?P<text>\S.*)$")
+
+
+def readable_error(reason: str, limit: int = 300) -> str:
+    """One line from a client error's reason: the first exception outside Ray and Flower (the
+    client's own), as ``Name: message``; else the wrapping exception's first line."""
+    text = _ANSI.sub("", reason)
+    wrapped = _WRAPPED.fullmatch(text.strip())
+    outer = wrapped["cls"].rsplit(".", 1)[-1] if wrapped else ""
+    text = wrapped["text"] if wrapped else text
+    for line in text.splitlines():
+        raised = _RAISED.match(line)
+        if raised and not raised["cls"].startswith(("ray.", "flwr.")):
+            return f"{raised['cls'].rsplit('.', 1)[-1]}: {raised['text']}"[:limit]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"{outer}: {first}" if outer else first)[:limit]
 
 
 def weighted_mean(values: list[tuple[float, float]]) -> float:
@@ -180,7 +202,8 @@ class HeteroRankStrategy(Strategy):
     def _accept(self, reply: Message, pid: int) -> ClientUpdate | None:
         log_ = self.current
         if reply.has_error():
-            log_.failed[pid] = f"client error {reply.error.code}: {reply.error.reason[:200]}"
+            reason = readable_error(reply.error.reason)
+            log_.failed[pid] = f"client error {reply.error.code}: {reason}"
             return None
         try:
             record = reply.content.array_records.get(msg.ARRAYS)
@@ -274,7 +297,10 @@ class HeteroRankStrategy(Strategy):
             metrics = reply.content.metric_records.get(msg.METRICS)
             if metrics is None:
                 continue
-            weight = float(metrics.get(msg.NUM_EXAMPLES, 0))
+            weight = metrics.get(msg.NUM_EXAMPLES, 0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                continue  # a malformed reply (e.g. a list) must not stop the server
+            weight = float(weight) if math.isfinite(weight) and weight > 0 else 0.0
             for key, value in metrics.items():
                 if key != msg.NUM_EXAMPLES and isinstance(value, (int, float)):
                     results.setdefault(key, []).append((float(value), weight))
