@@ -74,7 +74,13 @@ def unpack(
     halves: dict[str, dict[str, dict[str, np.ndarray]]] = {"lora": {}, "merged": {}}
     dense: dict[str, np.ndarray] = {}
     for key in record:
-        value = record[key].numpy()
+        try:
+            value = record[key].numpy()
+        except (ValueError, TypeError, EOFError, OSError) as error:  # malformed bytes from a peer
+            reason = " ".join(str(error).split())[:160]
+            raise MessageFormatError(
+                f"array {key!r} is not a readable numpy array ({reason})"
+            ) from None
         # factor suffixes first: a module may itself be called "dense" (key "dense.lora_A"),
         # while dense trainables never end in a factor suffix (they exclude LoRA parameters)
         for group, (suffix_b, suffix_a) in (

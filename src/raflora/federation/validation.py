@@ -86,6 +86,9 @@ def check_update(
     extra = sorted(set(lora) - set(expect.modules))
     if missing or extra:
         raise RejectedUpdate(f"modules missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in (metrics or {}).items():  # the server computes with these
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RejectedUpdate(f"metric {key!r} is {value!r}, expected a number")
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
         raise RejectedUpdate(f"num-examples is {num_examples!r}, expected a positive integer")
     if not math.isfinite(num_examples) or num_examples <= 0 or int(num_examples) != num_examples:
