@@ -59,10 +59,10 @@ def setting_title(setting: tuple) -> str:
     return f"{rank_config} · {alpha_text} · {share} per round"
 
 
-def setting_slug(grid: str, setting: tuple) -> str:
+def setting_slug(setting: tuple, prefix: str = "") -> str:
     rank_config, alpha, fraction = setting
     alpha_tag = "base" if alpha is None else f"a{alpha:g}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{grid}_{rank_config}_{alpha_tag}_f{fraction:g}")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}{rank_config}_{alpha_tag}_f{fraction:g}")
 
 
 class ReportWriter:
@@ -111,12 +111,12 @@ class ReportWriter:
             self.lines.append("")
 
     # ------------------------------------------------------------------ sections
-    def setting_section(self, grid: str, setting: tuple, by_method: dict[str, list[Cell]]) -> None:
+    def setting_section(self, setting: tuple, by_method: dict[str, list[Cell]]) -> None:
         bounds = bounds_of(self.plan.suite.rank_configs[setting[0]])
-        self.lines += [f"#### {setting_title(setting)}", ""]
+        self.lines += [f"### {setting_title(setting)}", ""]
         self.lines += [f"Client ranks: {self.plan.suite.rank_configs[setting[0]]} (cycled).", ""]
         self.table(by_method, bounds)
-        slug = setting_slug(grid, setting)
+        slug = setting_slug(setting)
         accuracy, norm, energy = {}, {}, {}
         for method, cells in by_method.items():
             runs = self.runs_of(cells)
@@ -170,7 +170,7 @@ class ReportWriter:
                     rows.setdefault(method, {})[rc] = cell_text(stats, ".3f")
                     if stats is not None:
                         points.setdefault(method, {})[rc] = stats[:2]
-            self.lines += [f"#### Sensitivity: {title}", ""]
+            self.lines += [f"### Sensitivity (grid `{grid}`): {title}", ""]
             self.lines += [
                 "| method | " + " | ".join(configs) + " |",
                 "|---" * (len(configs) + 1) + "|",
@@ -181,7 +181,7 @@ class ReportWriter:
                 )
             self.lines.append("")
             if points:
-                slug = setting_slug(grid, ("sensitivity", alpha, fraction))
+                slug = setting_slug((grid, alpha, fraction), prefix="sensitivity_")
                 path = figures.plot_sensitivity(points, configs, self.plots / f"{slug}.png", title)
                 self.image(path, "final accuracy vs rank configuration")
 
@@ -194,10 +194,10 @@ class ReportWriter:
             same = [
                 c
                 for c in self.plan.cells
-                if c.grid == cell.grid
-                and c.setting == cell.setting
+                if c.setting == cell.setting
                 and self.plan.suite.variant(c.method).method in ("flexlora", "raflora")
             ]
+            same = list({c.run_id: c for c in same}.values())  # a run shared by grids: once
             measured, predicted = {}, []
             for method in dict.fromkeys(c.method for c in same if c.method == cell.method):
                 runs = self.runs_of([c for c in same if c.method == method])
@@ -219,13 +219,13 @@ class ReportWriter:
                 measured,
                 np.mean(predicted, axis=0),
                 bounds_of(ranks),
-                self.plots / f"retention_{setting_slug(cell.grid, cell.setting)}.png",
+                self.plots / f"retention_{setting_slug(cell.setting)}.png",
                 title,
             )
             self.lines += [
                 "### Predicted retention c_i vs measured",
                 "",
-                f"Setting: grid `{cell.grid}`, {setting_title(cell.setting)}. Measured: the "
+                f"Setting: {setting_title(cell.setting)}. Measured: the "
                 "share u_iᵀ ΔW_t v_i / σ_i of direction i of the previous global update that "
                 "the next aggregate keeps, averaged over modules (and rounds, seeds on the "
                 "left); predicted: c_i = Σ_{r_k ≥ i} p_k of the clients aggregated that round.",
@@ -280,12 +280,10 @@ class ReportWriter:
         self.lines = []
         self.header(command)
         self.notes()
+        for setting, by_method in group_cells(self.plan).items():
+            self.setting_section(setting, by_method)
         for grid in self.plan.suite.grid:
-            groups = group_cells(self.plan, grid.name)
-            self.lines += [f"### Grid `{grid.name}`", ""]
-            for setting, by_method in groups.items():
-                self.setting_section(grid.name, setting, by_method)
-            self.sensitivity_section(grid.name, groups)
+            self.sensitivity_section(grid.name, group_cells(self.plan, grid.name))
         self.retention_section()
         path = self.suite_dir / "report.md"
         path.write_text("\n".join(self.lines).rstrip() + "\n")

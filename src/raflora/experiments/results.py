@@ -161,10 +161,13 @@ def series(
     return rounds, np.array([[row[t] for t in rounds] for row in rows], dtype=np.float64)
 
 
-def group_cells(plan: Plan, grid: str) -> dict[tuple, dict[str, list[Cell]]]:
-    """{setting: {method label: [cells over seeds]}} of one grid, in the grid's order."""
+def group_cells(plan: Plan, grid: str | None = None) -> dict[tuple, dict[str, list[Cell]]]:
+    """{setting: {method label: [cells over seeds]}} of one grid (or of all grids, where a run
+    shared by several grids counts once), in the order the grids list them."""
     out: dict[tuple, dict[str, list[Cell]]] = {}
     for cell in plan.cells:
-        if cell.grid == grid:
-            out.setdefault(cell.setting, {}).setdefault(cell.method, []).append(cell)
+        if grid is None or cell.grid == grid:
+            cells = out.setdefault(cell.setting, {}).setdefault(cell.method, [])
+            if all(c.run_id != cell.run_id for c in cells):
+                cells.append(cell)
     return out
