@@ -206,11 +206,16 @@ def _padded_average(c: Clients, q: np.ndarray) -> tuple[Tensor, Tensor]:
     return B, A
 
 
-def _stacked(blocks: Sequence[tuple[float, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Σ q B_blk A_blk kept factored: B = [q_1 B_1 … ], A = [A_1; …]."""
+def _stacked(
+    blocks: Sequence[tuple[float | Sequence[float], Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """Σ B_blk diag(q_blk) A_blk kept factored: B = [B_1 diag(q_1) … ], A = [A_1; …]; q_blk is
+    one weight for the block or one per column."""
     B = torch.cat([Bb for _, Bb, _ in blocks], dim=1)  # (m, Σ r)
     A = torch.cat([Ab for _, _, Ab in blocks], dim=0)  # (Σ r, n)
-    q = [q for q, Bb, _ in blocks for _ in range(Bb.shape[1])]  # one weight per column
+    q = [
+        x for w, Bb, _ in blocks for x in (w if isinstance(w, Sequence) else [w] * Bb.shape[1])
+    ]  # one weight per column
     B.mul_(torch.tensor(q, dtype=B.dtype, device=B.device))  # in place: no (m, Σ r) temporary
     return B, A
 
@@ -288,22 +293,26 @@ def raflora(c: Clients, opts: RafloraOptions) -> tuple[Tensor, Tensor]:
     Weights inside a partition are p_k renormalised over its members, or with
     ``weighting="energy"`` ∝ p_k ‖B_k[:, P] A_k[P, :]‖_F (falling back to renormalised p when
     the partition is zero). A partition whose members all have weight 0 contributes nothing.
+    A client's pieces tile its columns 0..r_k-1, so the stack is client by client,
+    B = [B_1 diag(q_1) …] with q_k the weight of each of client k's columns (one copy per
+    client, like flexlora, instead of one per piece).
     """
     bounds = partition_bounds(c.ranks, opts.partitions)
     q = _renormalised(c.ranks, c.p, bounds)  # (M, K)
-    blocks: list[tuple[float, Tensor, Tensor]] = []
+    columns = [[0.0] * r for r in c.ranks]  # per client: the weight of each of its columns
     for j, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
         members = [k for k, r in enumerate(c.ranks) if r > lo]
-        parts = [(c.Bs[k][:, lo:hi], c.As[k][lo:hi]) for k in members]  # (m, d_k), (d_k, n)
         weights = [float(q[j, k]) for k in members]
         if opts.weighting == "energy":
+            parts = [(c.Bs[k][:, lo:hi], c.As[k][lo:hi]) for k in members]  # (m, d), (d, n)
             norms = [float(_frobenius(Bp, Ap)) for Bp, Ap in parts]
             raw = [c.p[k] * nk for k, nk in zip(members, norms, strict=True)]
             total = math.fsum(raw)
             if total > 0:
                 weights = [v / total for v in raw]
-        blocks += [(w, Bp, Ap) for w, (Bp, Ap) in zip(weights, parts, strict=True)]
-    return _stacked(blocks)
+        for k, w in zip(members, weights, strict=True):
+            columns[k][lo : min(hi, c.ranks[k])] = [w] * (min(hi, c.ranks[k]) - lo)
+    return _stacked(list(zip(columns, c.Bs, c.As, strict=True)))
 
 
 def flexlora_nm(c: Clients, _: None) -> tuple[Tensor, Tensor]:
