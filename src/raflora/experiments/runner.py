@@ -12,6 +12,7 @@ length; any other difference is an error (choose another --out).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -55,6 +56,10 @@ def run_status(run_dir: Path, config: Config) -> str:
     summary = run_dir / "run.json"
     if summary.is_file():
         saved = json.loads(summary.read_text()).get("config", {})
+        # through today's Config: fields added since then compare at their defaults (a config
+        # that is no longer valid is compared as saved, so it differs)
+        with contextlib.suppress(ValueError):
+            saved = Config.model_validate(saved).to_dict()
         diffs = _differences(saved, config.to_dict())
         if not diffs:
             return "finished"
