@@ -48,18 +48,37 @@ def measure_call(fn: Callable[[], Any]) -> tuple[Any, float, int]:
     """Run ``fn()`` once: (result, seconds, peak resident-set rise in bytes during the call).
 
     The rise is measured against the resident set just before the call, so inputs that already
-    exist do not count; the result, still alive at the end, does.
+    exist do not count; the result, still alive at the end, does. Where the kernel cannot reset
+    the high-water mark (e.g. gVisor), a thread samples VmRSS every millisecond instead.
     """
     import gc
+    import threading
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+            f.write("5")
+        sampler = None
+    except OSError:
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.001):
+                peak[0] = max(peak[0], _status_kib("VmRSS"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
     before = _status_kib("VmRSS")
+    if sampler is not None:
+        peak[0] = before
+        sampler.start()
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    return result, seconds, (_status_kib("VmHWM") - before) * 1024
+    if sampler is None:
+        return result, seconds, (_status_kib("VmHWM") - before) * 1024
+    done.set()
+    sampler.join()
+    return result, seconds, (max(peak[0], _status_kib("VmRSS")) - before) * 1024
 
 
 def run_worker(script: Path, spec: dict[str, Any], timeout: float = 3600.0) -> dict[str, Any]:

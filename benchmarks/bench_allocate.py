@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -311,31 +312,40 @@ def robustness(threads: int, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def llama(threads: int, quick: bool, layers: int) -> dict[str, Any]:
+def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[str, Any]:
     """A LLaMA-7B-shaped adapter (7 projections × layers), K = 20, float32 factors (what clients
     send). One layer's client factors are generated and reused for every layer: each module's
-    inputs (tens of MB) are far larger than the CPU caches, so reuse does not flatter the timing."""
+    inputs (tens of MB) are far larger than the CPU caches, so reuse does not flatter the timing.
+    ``device="cuda"``: the factors are torch tensors on the GPU (timed with synchronisation)."""
     torch.set_num_threads(threads)
     shrink = 32 if quick else 1
     K = 20
     per_module: dict[str, dict[str, list[float]]] = {}
     data = {}
     for name, (m, n) in LLAMA_7B.items():
-        data[name] = clients(m // shrink, n // shrink, K, "float32", seed=11)
-    warm_up(ours, "raflora", "float32")
+        factors, weights, ranks = clients(m // shrink, n // shrink, K, "float32", seed=11)
+        if device != "cpu":
+            factors = [(torch.from_numpy(B).to(device), torch.from_numpy(A).to(device))
+                       for B, A in factors]  # fmt: skip
+        data[name] = (factors, weights, ranks)
+    for method in METHODS:  # warm-up (on the device: kernels, cuSOLVER handles)
+        ours(method, *data["q_proj"])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     totals = dict.fromkeys(METHODS, 0.0)
     with FallbackCounter() as fallbacks:
         for _ in range(layers):
             for name, (factors, weights, ranks) in data.items():
                 for method in METHODS:
+                    sync()
                     start = time.perf_counter()
                     ours(method, factors, weights, ranks)
+                    sync()
                     seconds = time.perf_counter() - start
                     totals[method] += seconds
                     per_module.setdefault(name, {}).setdefault(method, []).append(seconds)
     ranks = data["q_proj"][2]
     return {
-        "layers": layers, "K": K, "sum_rank": sum(ranks), "dtype": "float32",
+        "layers": layers, "K": K, "sum_rank": sum(ranks), "dtype": "float32", "device": device,
         "seconds": totals, "fallbacks": fallbacks.count,
         "module_median_seconds": {
             name: {method: median(v) for method, v in d.items()} for name, d in per_module.items()
@@ -397,14 +407,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of ours per worker")
     parser.add_argument("--layers", type=int, default=32, help="LLaMA layers")
     parser.add_argument("--sections", default="grid,robustness,llama,scaling")
+    parser.add_argument(
+        "--cells",
+        choices=["all", "goal"],
+        default="all",
+        help="goal: only the 4096×4096, K = 20 cells of the grid",
+    )
+    parser.add_argument("--llama-device", default="cpu", help="cpu, or cuda for an extra row")
+    parser.add_argument("--cpus", help="pin this process and its workers to these CPUs: 0,1")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/bench_allocate.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker)
+    if args.cpus:
+        os.sched_setaffinity(0, [int(c) for c in args.cpus.split(",")])
     sections = args.sections.split(",")
     args.threads = args.threads or (1 if args.quick else torch.get_num_threads())
     grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.cells == "goal" and not args.quick:
+        grid = [c for c in grid if c[:3] == (4096, 4096, 20)]
     info = machine() | {"threads": args.threads, "quick": args.quick}
     console.print(f"bench_allocate on {info}")
     details: dict[str, Any] = {"machine": info, "goals": GOAL}
@@ -465,6 +487,12 @@ def main() -> None:
         )
     if "llama" in sections:
         result = llama(args.threads, args.quick, 1 if args.quick else args.layers)
+        if args.llama_device != "cpu":
+            try:
+                gpu = llama(args.threads, args.quick, result["layers"], args.llama_device)
+                result["gpu"] = gpu | {"name": torch.cuda.get_device_name()}
+            except Exception as error:  # an extra: keep the CPU results
+                result["gpu_error"] = repr(error)
         details["llama7b"] = result
         table(
             f"LLaMA-7B-shaped adapter: {result['layers']} layers × 7 modules, K = 20 "
@@ -472,10 +500,14 @@ def main() -> None:
             ["module", *[f"{m} (median/module)" for m in METHODS]],
             [[name, *[fmt_seconds(v[m]) for m in METHODS]]
              for name, v in result["module_median_seconds"].items()]
-            + [["whole adapter", *[fmt_seconds(result["seconds"][m]) for m in METHODS]]],
+            + [["whole adapter", *[fmt_seconds(result["seconds"][m]) for m in METHODS]]]
+            + [[f"whole adapter on {g['name']}", *[fmt_seconds(g["seconds"][m]) for m in METHODS]]
+               for g in ([result["gpu"]] if "gpu" in result else [])],
         )  # fmt: skip
         summary["llama7b_seconds"] = result["seconds"]["raflora"]
         summary["llama7b_seconds_flexlora"] = result["seconds"]["flexlora"]
+        if "gpu" in result:
+            summary["llama7b_seconds_gpu"] = result["gpu"]["seconds"]["raflora"]
     if "scaling" in sections:
         result = scaling(args.threads, args.quick)
         details["scaling"] = result
