@@ -3,6 +3,9 @@
 Every process starts in its own session (process group) so that teardown reaches the
 superexec / flwr-serverapp / flwr-clientapp processes they spawn; teardown sends SIGTERM to
 each group, waits, then SIGKILLs whatever is left. Environment as in /work/notes/flower142.md §4.
+With ``tls`` (see helpers/certs.py) the SuperLink serves HTTPS with that certificate and
+requires SuperNode authentication: only SuperNodes whose public key was registered
+(`register`) and that sign with the private key may join (§5).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from helpers.certs import Tls
 
 VENV_BIN = Path(sys.executable).parent
 CONNECTION = "raflora-loopback"
@@ -33,8 +39,9 @@ def free_port() -> int:
 class Loopback:
     """Start with `start_superlink` / `start_supernode`, always `stop()` (e.g. in a fixture)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: Tls | None = None) -> None:
         self.root = root
+        self.tls = tls
         self.home = root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -47,10 +54,38 @@ class Loopback:
             FLWR_DISABLE_UPDATE_CHECK="1",
             FLWR_TELEMETRY_ENABLED="0",
         )
+        security = f'root-certificates = "{tls.ca}"' if tls else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
         )
+
+    def superlink_command(self) -> list[str]:
+        command = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.tls is None:
+            command.append("--insecure")
+        else:
+            command += [
+                "--ssl-ca-certfile", str(self.tls.ca),
+                "--ssl-certfile", str(self.tls.cert),
+                "--ssl-keyfile", str(self.tls.key),
+                "--enable-supernode-auth",
+            ]  # fmt: skip
+        return [*command, "--disable-runtime-dependency-installation"]
+
+    def supernode_command(
+        self, node_config: str, port: int, key: Path | None = None, max_retries: int | None = None
+    ) -> list[str]:
+        """`key`: the SuperNode's private key (authentication); `max_retries`: give up after
+        that many failed connection attempts (a refused SuperNode otherwise retries forever)."""
+        security = ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca)]
+        command = ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
+        if key is not None:
+            command += ["--auth-supernode-private-key", str(key)]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
+        return command
 
     def _start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("wb")
@@ -65,41 +100,36 @@ class Loopback:
         return proc
 
     def start_superlink(self, timeout: float = 60.0) -> None:
-        self._start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-runtime-dependency-installation",
-        )
+        self._start("superlink", *self.superlink_command())
+        if self.tls is None:
+            scheme, verify = "http", False
+        else:
+            scheme, verify = "https", ssl.create_default_context(cafile=str(self.tls.ca))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).is_success:
+                url = f"{scheme}://127.0.0.1:{self.port}/health"
+                if httpx.get(url, timeout=1, verify=verify).is_success:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"superlink on port {self.port} not healthy after {timeout}s")
 
-    def start_supernode(self, node_config: str) -> None:
+    def start_supernode(
+        self, node_config: str, key: Path | None = None, max_retries: int | None = None
+    ) -> subprocess.Popen:
         index = len(self.procs) - 1  # the superlink is procs[0]
-        self._start(
-            f"supernode{index}",
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            node_config,
+        command = self.supernode_command(node_config, free_port(), key, max_retries)
+        return self._start(f"supernode{index}", *command)
+
+    def register(self, public_key: Path) -> dict:
+        """Register a SuperNode's public key with the SuperLink (authentication on)."""
+        result = self.flwr(
+            "supernode", "register", str(public_key), CONNECTION, "--format", "json", timeout=60
         )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
 
     def flwr(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         return subprocess.run(
