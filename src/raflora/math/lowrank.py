@@ -15,13 +15,13 @@ A_r = V_rᵀ, FlexLoRA) or ``"sqrt"`` (B_r = U_r √S_r, A_r = √S_r V_rᵀ).
 the same result (Cholesky QR): from the R×R Gram matrices (half the flops of Householder QR,
 all in matrix products),
 
-    BᵀB = L_B L_Bᵀ,  A Aᵀ = L_A L_Aᵀ   (Cholesky),   Q_B = B L_B⁻ᵀ,  Q_A = Aᵀ L_A⁻ᵀ
-    B A = Q_B C Q_Aᵀ,  core C = L_Bᵀ L_A = U_c S V_cᵀ   (U_c, S² from eigh(C Cᵀ), V_c = Cᵀ U_c / S)
-    U_r = B (L_B⁻ᵀ U_c[:, :r]),  V_rᵀ = (L_A⁻ᵀ V_c[:, :r])ᵀ A      (m×r and r×n products only)
+    BᵀB = L Lᵀ (Cholesky),  Q = B L⁻ᵀ orthonormal,  B A = Q (Lᵀ A)
+    (Lᵀ A)(Lᵀ A)ᵀ = Lᵀ (A Aᵀ) L = U_c S² U_cᵀ                    (R×R symmetric eigenproblem)
+    U_r = B (L⁻ᵀ U_c[:, :r]),  V_rᵀ = S_r⁻¹ U_c[:, :r]ᵀ Lᵀ A       (m×r and r×n products only)
 
-Its rounding error grows with the conditioning of the factors' columns, so when a Cholesky
-factor is singular or ill-conditioned for the dtype (e.g. a zero or a duplicated column) it falls
-back to the QR route above.
+Its rounding error grows with the conditioning of B's columns, so when that Cholesky factor is
+singular or ill-conditioned for the dtype (e.g. a zero or a duplicated column) it tries the same
+with Aᵀ, then falls back to the QR route above.
 
 Signs are fixed so that the largest-magnitude entry of each column of U is positive, which
 makes allocations reproducible across runs and array libraries.
@@ -97,7 +97,8 @@ def _gram_cholesky(X: Tensor) -> Tensor | None:
     d = G.diagonal().sqrt()  # column norms
     if not bool((d > 0).all()):
         return None
-    L, info = torch.linalg.cholesky_ex(G / d[:, None] / d)  # equilibrated: unit diagonal
+    L, info = torch.linalg.cholesky_ex(G.div_(d[:, None]).div_(d))  # equilibrated, in place
+    del G
     if int(info) != 0:
         return None
     smallest = float(L.diagonal().min())  # ≈ 1/κ of the equilibrated columns
@@ -106,33 +107,40 @@ def _gram_cholesky(X: Tensor) -> Tensor | None:
     return L.mul_(d[:, None])  # XᵀX = D G̃ D = (D L̃)(D L̃)ᵀ
 
 
-def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The first ``top`` triplets U (m, top), S (top,), Vt (top, n) of B @ A (Cholesky QR,
-    falling back to Householder QR for ill-conditioned factors)."""
-    L_B = _gram_cholesky(B)  # (R, R)
-    L_A = _gram_cholesky(A.mT) if L_B is not None else None  # (R, R)
-    if L_B is None or L_A is None:
-        U, S, Vt = _svd(B, A, top)
-        return U, S[:top], Vt
-    C = L_B.mT @ L_A  # core (R, R)
-    # Top singular pairs of C from the symmetric eigenproblem C Cᵀ = U_c S² U_cᵀ (about twice
-    # as fast as an SVD of C); V_c = Cᵀ U_c S⁻¹. Accurate for the leading directions, which are
-    # all that is kept; the orthonormality check below guards the rest.
-    lam, W = torch.linalg.eigh(C @ C.mT)  # ascending
-    U_c = W[:, -top:].flip(-1)  # (R, top)
+def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] | None:
+    """Top triplets of X @ Y, X (m, R), Y (R, n), from XᵀX = L Lᵀ: with Q = X L⁻ᵀ orthonormal,
+    X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ (Y Yᵀ) L = U_c S² U_cᵀ (R×R eigh), so
+    U = X (L⁻ᵀ U_c) and Vᵀ = S⁻¹ U_cᵀ Lᵀ Y. None if the result is not orthonormal enough."""
+    H = L.mT @ (_gram(Y.mT) @ L)  # (R, R)
+    lam, W = torch.linalg.eigh(H)  # ascending
+    del H
+    U_c = W[:, -top:].flip(-1)  # (R, top), a copy
     S = lam[-top:].flip(-1).clamp(min=0).sqrt()  # (top,)
+    del W, lam
     if not bool((S > 0).all()):
-        U, S, Vt = _svd(B, A, top)
-        return _fix_signs(U, S[:top], Vt)
-    V_c = (C.mT @ U_c) / S  # (R, top)
-    M_B = torch.linalg.solve_triangular(L_B.mT, U_c, upper=True)  # L_B⁻ᵀ U_c (R, top)
-    M_A = torch.linalg.solve_triangular(L_A.mT, V_c, upper=True)  # L_A⁻ᵀ V_c (R, top)
-    U, Vt = B @ M_B, M_A.mT @ A  # (m, top), (top, n)
+        return None
+    M_X = torch.linalg.solve_triangular(L.mT, U_c, upper=True)  # L⁻ᵀ U_c (R, top)
+    M_Y = (L @ U_c) / S  # (R, top)
+    U, Vt = X @ M_X, M_Y.mT @ Y  # (m, top), (top, n)
     eye = torch.eye(top, dtype=U.dtype, device=U.device)
     drift = max(float((U.mT @ U - eye).abs().max()), float((Vt @ Vt.mT - eye).abs().max()))
-    if drift > _ORTHO_TOL * torch.finfo(U.dtype).eps:
+    return None if drift > _ORTHO_TOL * torch.finfo(U.dtype).eps else (U, S, Vt)
+
+
+def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``top`` triplets U (m, top), S (top,), Vt (top, n) of B @ A: Cholesky QR of B
+    (or, failing that, of Aᵀ), else Householder QR."""
+    L = _gram_cholesky(B)
+    out = None if L is None else _one_sided(B, A, L, top)
+    if out is None:
+        L = _gram_cholesky(A.mT)
+        mirrored = None if L is None else _one_sided(A.mT, B.mT, L, top)  # of (B A)ᵀ
+        if mirrored is not None:
+            out = (mirrored[2].mT.contiguous(), mirrored[1], mirrored[0].mT.contiguous())
+    if out is None:
         U, S, Vt = _svd(B, A, top)
-    return _fix_signs(U, S[:top], Vt)
+        out = (U, S[:top], Vt)
+    return _fix_signs(*out)
 
 
 def _svdvals(B: Tensor, A: Tensor) -> Tensor:
