@@ -2,9 +2,9 @@
 
 A reply must carry exactly the expected LoRA modules, factors ``B (m, r)``, ``A (r, n)`` of
 float32 with the rank the client was allocated (HetLoRA clients may return a lower rank after
-self-pruning), finite values, the expected dense tensors, and a positive integer
-``num-examples``. An optional bound on ``‖B A‖_F`` per module either rejects the reply or
-clips the update to the bound (``B ← B · bound / ‖B A‖_F``).
+self-pruning), finite values, the expected dense tensors, numbers (not lists) as metrics, and
+a positive integer ``num-examples``. An optional bound on ``‖B A‖_F`` per module either
+rejects the reply or clips the update to the bound (``B ← B · bound / ‖B A‖_F``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def check_update(
         raise RejectedUpdate(f"modules missing {missing[:3]}, unexpected {extra[:3]}")
     for key, value in (metrics or {}).items():  # the server computes with these
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RejectedUpdate(f"metric {key!r} is {value!r}, expected a number")
+            raise RejectedUpdate(f"metric {key!r} is {value!r:.60}, expected a number")
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
         raise RejectedUpdate(f"num-examples is {num_examples!r}, expected a positive integer")
     if not math.isfinite(num_examples) or num_examples <= 0 or int(num_examples) != num_examples:
