@@ -16,7 +16,7 @@ log = logging.getLogger("raflora")
 
 def quiet_flower() -> None:
     """Less Flower/Ray chatter; must run before `flwr` is first imported to take effect."""
-    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
