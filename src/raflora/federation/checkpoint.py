@@ -87,7 +87,8 @@ def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any]) ->
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     old = final.parent / f".old-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in final.parent.glob(".tmp-round_*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file(_flatten(state), str(tmp / ARRAYS))

@@ -76,13 +76,17 @@ def discover_nodes(grid: Grid, config: Config, timeout: float) -> list[NodeInfo]
     for reply in exchange(grid, queries, timeout, lambda: None):
         if reply.has_error():
             raise RunAborted(f"client query failed: {reply.error.reason[:500]}")
-        info = reply.content[msg.CONFIG]
-        pid = int(info[msg.PARTITION_ID])
+        try:
+            info = reply.content[msg.CONFIG]
+            pid = int(info[msg.PARTITION_ID])
+            rank, size = int(info[msg.RANK]), int(info[msg.NUM_EXAMPLES])
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunAborted(
+                f"client {reply.metadata.src_node_id} sent a malformed query reply ({error!r})"
+            ) from None
         if pid in nodes:
             raise RunAborted(f"two clients claim partition-id {pid}")
-        node = NodeInfo(
-            reply.metadata.src_node_id, pid, int(info[msg.RANK]), int(info[msg.NUM_EXAMPLES])
-        )
+        node = NodeInfo(reply.metadata.src_node_id, pid, rank, size)
         nodes[pid] = node
     if len(nodes) < expected:
         raise RunAborted(f"only {len(nodes)} of {expected} clients answered the query")

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from raflora.config import Config, load_config
 from raflora.federation.finish import finish_run
+from raflora.federation.preflight import check_run
 from raflora.federation.progress import Reporter
 from raflora.federation.server import FederatedRun
 
@@ -46,5 +47,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, run_dir, resume = config_from_run_config(dict(context.run_config))
+    check_run(config, run_dir, resume=resume)  # one-line errors before any client is asked
     FederatedRun(config, run_dir, resume=resume).main(grid)
     finish_run(config, run_dir)
