@@ -68,7 +68,7 @@ def pretrain(spec: PretrainSection, out: Path, *, exclude_test_of: list[int]) ->
     encode = dict(image_size=config.image_size, num_channels=config.num_channels)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)  # several threads crawl on a busy machine (they wait on each other)
+        torch.set_num_threads(1)  # threads that wait on each other crawl on a busy machine
         log.info("pretraining %s on %d images (%d steps)", spec.model, len(train), spec.steps)
         stats = train_local(
             model.train(),
