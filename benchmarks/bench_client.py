@@ -12,9 +12,11 @@ of forward, `loss.backward()`, gradient clipping at the same norm, `AdamW.step()
 batches in the same order (the order `train_local` draws: a seeded `randperm` per epoch, collated
 in the loop by both). Same model, rank, batch, learning rate and torch thread count.
 
-Overhead = median(ours round) / median(bare S steps) − 1, so everything ours does per round
-(model build, factor conversion) counts against it; "step overhead" compares only the training
-steps (`train_local`'s own time). Ours and bare alternate, after one warm-up each.
+Overhead = ours round / bare S steps − 1, the median over repetitions of back-to-back pairs, so
+everything ours does per round (model setup, factor conversion) counts against it; "step
+overhead" compares only the training steps (`train_local`'s own time). A third side, "rebuilt",
+is ours as it was before the client kept its model between rounds (`build_round_model`: copy the
+base and `get_peft_model` every round). The three alternate, after one warm-up each.
 Both run single-threaded (the simulation's default, ``train.threads = 1``) in this one thread,
 so besides wall time the script reports each side's CPU time (``time.thread_time``): on a
 shared, overloaded machine wall time also counts waiting for a core, CPU time does not.
@@ -27,6 +29,7 @@ import argparse
 import copy
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +172,22 @@ def ours_round(ctx: Any, rank: int, lora: dict, dense: dict, server_round: int) 
     }
 
 
+@contextmanager
+def fresh_models():
+    """train_round as before the model reuse: a new PEFT copy of the base every round."""
+    reused = client.round_model
+    client.round_model = client.build_round_model
+    try:
+        yield
+    finally:
+        client.round_model = reused
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> float:
+    """Median over repetitions of a_i / b_i − 1 (each pair ran back to back)."""
+    return median([x[key] / y[key] - 1 for x, y in zip(a, b, strict=True)])
+
+
 def bench_model(
     name: str, rank: int, threads: int, repeats: int, quick: bool, path: str | None = None
 ) -> dict[str, Any]:
@@ -185,32 +204,46 @@ def bench_model(
     counted = [next(probe) for _ in range(steps)]
     examples = sum(len(b["input_ids"]) for b in counted)
     tokens = sum(int(b["attention_mask"].sum()) for b in counted)
-    ours_round(ctx, rank, lora, dense, 2)  # warm-up
+    ours_round(ctx, rank, lora, dense, 2)  # warm-ups
     bare_steps(model, ctx.data.train, steps, train.batch_size, train.lr, seed)
-    ours, bare = [], []
-    for _ in range(repeats):
+    ours, fresh, bare = [], [], []
+    for _ in range(repeats):  # ours, bare, fresh-model ours: back to back, same data
         ours.append(ours_round(ctx, rank, lora, dense, 2))
         bare.append(bare_steps(model, ctx.data.train, steps, train.batch_size, train.lr, seed))
+        with fresh_models():
+            fresh.append(ours_round(ctx, rank, lora, dense, 2))
         torch.set_num_threads(threads)
-    t_round = median([r["seconds"] for r in ours])
-    t_train = median([r["train_seconds"] for r in ours])
-    t_bare = median([r["seconds"] for r in bare])
-    c_round = median([r["cpu_seconds"] for r in ours])
-    c_bare = median([r["cpu_seconds"] for r in bare])
+    t_round, t_train, t_bare, t_fresh = (
+        median([r[key] for r in runs])
+        for runs, key in [(ours, "seconds"), (ours, "train_seconds"), (bare, "seconds"),
+                          (fresh, "seconds")]
+    )  # fmt: skip
+    c_round, c_bare, c_fresh = (median([r["cpu_seconds"] for r in x]) for x in (ours, bare, fresh))
     return {
         "model": name, "rank": rank, "steps": steps, "batch_size": train.batch_size,
         "max_length": ctx.config.model.max_length, "threads": threads, "repeats": repeats,
         "load_seconds": load_seconds, "examples_per_round": examples, "tokens_per_round": tokens,
         "ours_round_seconds": t_round, "ours_train_seconds": t_train, "bare_seconds": t_bare,
-        "overhead": t_round / t_bare - 1, "step_overhead": t_train / t_bare - 1,
+        "fresh_round_seconds": t_fresh,
         "ours_round_cpu_seconds": c_round, "bare_cpu_seconds": c_bare,
-        "cpu_overhead": c_round / c_bare - 1,
-        "per_round_extra_seconds": t_round - t_train,
+        "fresh_round_cpu_seconds": c_fresh,
+        # paired medians: robust to the load drifting between repetitions
+        "overhead": paired(ours, bare, "seconds"),
+        "cpu_overhead": paired(ours, bare, "cpu_seconds"),
+        "fresh_overhead": paired(fresh, bare, "seconds"),
+        "fresh_cpu_overhead": paired(fresh, bare, "cpu_seconds"),
+        "overhead_of_medians": t_round / t_bare - 1,
+        "step_overhead": t_train / t_bare - 1,
+        "per_round_extra_seconds": median([r["seconds"] - r["train_seconds"] for r in ours]),
+        "fresh_per_round_extra_seconds": median(
+            [r["seconds"] - r["train_seconds"] for r in fresh]),
         "bare_examples_per_second": examples / t_bare, "bare_tokens_per_second": tokens / t_bare,
         "ours_examples_per_second": examples / t_round, "ours_tokens_per_second": tokens / t_round,
         "ours_round_all": [r["seconds"] for r in ours], "bare_all": [r["seconds"] for r in bare],
+        "fresh_round_all": [r["seconds"] for r in fresh],
         "ours_round_cpu_all": [r["cpu_seconds"] for r in ours],
         "bare_cpu_all": [r["cpu_seconds"] for r in bare],
+        "fresh_round_cpu_all": [r["cpu_seconds"] for r in fresh],
     }  # fmt: skip
 
 
@@ -231,17 +264,17 @@ def main() -> None:
     path = args.model_path if args.quick else None
     rows = [bench_model(name, args.rank, args.threads, repeats, args.quick, path) for name in names]
     table(
-        f"client round (train_round) vs bare PEFT loop, rank {args.rank}, medians of {repeats}",
-        ["model", "S × batch", "ours round", "ours steps", "bare steps", "overhead",
-         "step overhead", "CPU: ours round", "CPU: bare", "CPU overhead", "bare ex/s",
-         "ours ex/s", "bare tok/s", "ours tok/s"],
-        [[r["model"], f"{r['steps']} × {r['batch_size']}", fmt_seconds(r["ours_round_seconds"]),
-          fmt_seconds(r["ours_train_seconds"]), fmt_seconds(r["bare_seconds"]),
-          f"{r['overhead']:+.1%}", f"{r['step_overhead']:+.1%}",
-          fmt_seconds(r["ours_round_cpu_seconds"]), fmt_seconds(r["bare_cpu_seconds"]),
-          f"{r['cpu_overhead']:+.1%}",
-          f"{r['bare_examples_per_second']:.1f}", f"{r['ours_examples_per_second']:.1f}",
-          f"{r['bare_tokens_per_second']:.0f}", f"{r['ours_tokens_per_second']:.0f}"]
+        f"client round (train_round) vs bare PEFT loop, rank {args.rank}, {repeats} repetitions "
+        "(times: medians; overheads: medians of back-to-back pairs)",
+        ["model", "S × batch", "bare steps", "ours round", "ours: extra/round", "overhead",
+         "CPU overhead", "rebuilt model: round", "rebuilt: extra/round", "rebuilt: overhead",
+         "rebuilt: CPU overhead", "ex/s", "tok/s"],
+        [[r["model"], f"{r['steps']} × {r['batch_size']}", fmt_seconds(r["bare_seconds"]),
+          fmt_seconds(r["ours_round_seconds"]), fmt_seconds(r["per_round_extra_seconds"]),
+          f"{r['overhead']:+.1%}", f"{r['cpu_overhead']:+.1%}",
+          fmt_seconds(r["fresh_round_seconds"]), fmt_seconds(r["fresh_per_round_extra_seconds"]),
+          f"{r['fresh_overhead']:+.1%}", f"{r['fresh_cpu_overhead']:+.1%}",
+          f"{r['ours_examples_per_second']:.1f}", f"{r['ours_tokens_per_second']:.0f}"]
          for r in rows],
     )  # fmt: skip
     summary: dict[str, Any] = {"quick": args.quick}
@@ -251,6 +284,8 @@ def main() -> None:
             f"overhead_{key}": r["overhead"],
             f"step_overhead_{key}": r["step_overhead"],
             f"cpu_overhead_{key}": r["cpu_overhead"],
+            f"rebuilt_model_overhead_{key}": r["fresh_overhead"],
+            f"rebuilt_model_cpu_overhead_{key}": r["fresh_cpu_overhead"],
             f"examples_per_second_{key}": r["ours_examples_per_second"],
             f"tokens_per_second_{key}": r["ours_tokens_per_second"],
         }
