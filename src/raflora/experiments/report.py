@@ -31,16 +31,7 @@ from raflora.experiments.results import (
     series,
 )
 from raflora.experiments.suite import Cell, Plan
-
-COLUMNS = (  # key, title, format
-    ("final_accuracy", "final acc", ".3f"),
-    ("best_accuracy", "best acc", ".3f"),
-    ("top_rmin_energy", "top-r_min energy", ".3f"),
-    ("effective_rank", "eff. rank", ".2f"),
-    ("norm", "‖ΔW‖_F", ".3f"),
-    ("bytes_per_round", "bytes/round", ",.0f"),
-    ("wall_seconds", "wall s", ".0f"),
-)
+from raflora.report import COLUMNS  # key, title, format: the same columns as `raflora run`
 
 
 def cell_text(stats: tuple[float, float, int] | None, fmt: str) -> str:
