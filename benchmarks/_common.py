@@ -81,9 +81,15 @@ def measure_call(fn: Callable[[], Any]) -> tuple[Any, float, int]:
     return result, seconds, (max(peak[0], _status_kib("VmRSS")) - before) * 1024
 
 
-def run_worker(script: Path, spec: dict[str, Any], timeout: float = 3600.0) -> dict[str, Any]:
-    """Run ``script --worker JSON`` in a fresh process; its last stdout line is a JSON dict."""
-    env = {**os.environ, **WORKER_ENV}
+def run_worker(
+    script: Path, spec: dict[str, Any], timeout: float = 3600.0, memory: bool = True
+) -> dict[str, Any]:
+    """Run ``script --worker JSON`` in a fresh process; its last stdout line is a JSON dict.
+
+    ``memory=True``: with `WORKER_ENV` (peak memory is exact, but every large buffer is a fresh
+    mmap, so each call pays its page faults again). ``memory=False``: glibc's defaults, as a
+    server process runs, for timing."""
+    env = {**os.environ, **(WORKER_ENV if memory else {"PYTHONWARNINGS": "ignore"})}
     proc = subprocess.run(
         [sys.executable, str(script), "--worker", json.dumps(spec)],
         capture_output=True,
