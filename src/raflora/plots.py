@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def partition_labels(bounds: Sequence[int]) -> list[str]:
@@ -22,6 +24,12 @@ def partition_labels(bounds: Sequence[int]) -> list[str]:
         for lo, hi in zip(lows, bounds, strict=True)
     ]
     return [*labels, f"beyond {bounds[-1]}"]
+
+
+def round_axis(ax: Axes) -> None:
+    """Label an x axis of rounds, with integer ticks only (there is no round 1.5)."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -67,7 +75,7 @@ def plot_partition_energy(
         ax.set_title(method)
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(0, 1)
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_ylabel("energy share")
     for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
@@ -94,7 +102,7 @@ def plot_series(
         ax.plot(x, values, label=method)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("round")
+    round_axis(ax)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

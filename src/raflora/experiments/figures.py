@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from raflora.plots import _save, partition_labels, plot_partition_energy
+from raflora.plots import _save, partition_labels, plot_partition_energy, round_axis
 
 
 def plot_mean_band(
@@ -33,7 +33,7 @@ def plot_mean_band(
             ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("round")
+    round_axis(ax)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize="medium")
@@ -133,7 +133,7 @@ def plot_retention(
             rounds, values[:, lo:hi].mean(1), marker="o", markersize=3, label=label
         )
         right.plot(rounds, predicted[:, lo:hi].mean(1), linestyle="--", color=line.get_color())
-    right.set_xlabel("round")
+    round_axis(right)
     right.set_ylabel(f"{first}: share kept (dashed: predicted)")
     right.set_ylim(0, top)
     right.grid(alpha=0.3)
