@@ -3,14 +3,15 @@
     .venv/bin/python benchmarks/bench_client.py            # full run: ~10 minutes on 2 cores
     .venv/bin/python benchmarks/bench_client.py --quick    # smoke run: seconds, nothing saved
 
-Ours: `raflora.federation.client.train_round` exactly as the ClientApp calls it each round: build
-the rank-r PEFT model from the base (copy, `get_peft_model`), load the received factors and head
-(`set_factors`, scaling divided out), `train_local` for S AdamW steps, read the folded factors and
-head back (`get_factors`). Bare: written here without raflora's training code: `get_peft_model`
-on a copy of the same base with the same LoRA config, built once outside the timing, then S steps
-of forward, `loss.backward()`, gradient clipping at the same norm, `AdamW.step()`, over the same
-batches in the same order (the order `train_local` draws: a seeded `randperm` per epoch, collated
-in the loop by both). Same model, rank, batch, learning rate and torch thread count.
+Ours: `raflora.federation.client.train_round` exactly as the ClientApp calls it each round: take the
+process's rank-r PEFT model (built once per base and rank, see `reused_round_model`), load the
+received factors and head (`set_factors`, scaling divided out), `train_local` for S AdamW steps,
+read the folded factors and head back (`get_factors`). Bare: written here without raflora's training
+code: `get_peft_model` on a copy of the same base with the same LoRA config, built once outside the
+timing, then S steps of forward, `loss.backward()`, gradient clipping at the same norm,
+`AdamW.step()`, over the same batches in the same order (the order `train_local` draws: a seeded
+`randperm` per epoch, collated in the loop by both). Same model, rank, batch, learning rate and
+torch thread count.
 
 Overhead = ours round / bare S steps − 1, the median over repetitions of back-to-back pairs, so
 everything ours does per round (model setup, factor conversion) counts against it; "step
