@@ -76,7 +76,7 @@ def to_tensor(x: Any, name: str) -> Tensor:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     # A finite sum means every entry is finite (nan/inf propagate through sums); one pass and no
     # boolean temporary. Only a non-finite sum (possibly overflow) needs the entry-wise check.
-    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+    if not math.isfinite(float(t.detach().sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
     return t
 
