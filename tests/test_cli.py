@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from raflora.cli import app
@@ -20,6 +21,15 @@ def test_methods_lists_every_registered_method():
     assert result.exit_code == 0
     for method in available_methods():
         assert method in result.output
+    assert "raFLoRA: rank-partitioned aggregation" in result.output  # its docstring's first line
+
+
+def test_method_summary_is_the_docstring_head_and_rejects_unknown_names():
+    from raflora.math.aggregation import method_summary, raflora
+
+    assert method_summary("raflora") == raflora.__doc__.strip().splitlines()[0]
+    with pytest.raises(ValueError, match="unknown method 'nope'; known methods"):
+        method_summary("nope")
 
 
 def test_config_docs_cover_every_field_with_a_description():

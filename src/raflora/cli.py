@@ -286,8 +286,7 @@ def methods() -> None:
     from raflora.math import aggregation
 
     for name in aggregation.available_methods():
-        doc = (aggregation._REGISTRY[name][0].__doc__ or "").strip().splitlines()
-        console.print(f"[bold]{name:9}[/] {doc[0] if doc else ''}")
+        console.print(f"[bold]{name:11}[/] {aggregation.method_summary(name)}")
 
 
 @app.command("config")

@@ -70,6 +70,14 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_summary(method: str) -> str:
+    """First line of ``method``'s docstring (what ``raflora methods`` lists)."""
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known methods: {available_methods()}")
+    lines = (_REGISTRY[method][0].__doc__ or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def method_options(method: str, **options: Any) -> Any:
     """Build and validate ``method``'s options dataclass (None for a method without options)."""
     if method not in _REGISTRY:
