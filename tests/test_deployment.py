@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.loopback import CONNECTION, Loopback
+from helpers.loopback import CONNECTION, Loopback, two_node_overrides
 from helpers.runs import ROOT, TINY, check_run_outputs
 from raflora.config import ConfigError, load_config
 from raflora.federation.server_app import config_from_run_config
@@ -66,21 +66,7 @@ def loopback(tmp_path: Path):
 @pytest.mark.timeout(600)
 def test_two_supernodes_two_rounds(loopback: Loopback, tiny_bert_dir: Path, tmp_path: Path):
     out_dir = tmp_path / "runs"
-    overrides = "; ".join(
-        [
-            "clients.num_clients=2",
-            "clients.ranks=[2, 8]",
-            "federation.rounds=2",
-            "federation.evaluate_clients=false",
-            f"model.path={tiny_bert_dir}",
-            "data.train_size=80",
-            "data.test_size=20",
-            "model.max_length=24",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            "run.name=deployed",
-        ]
-    )
+    overrides = two_node_overrides(tiny_bert_dir, rounds=2, name="deployed")
     loopback.start_superlink()
     for pid in range(2):
         loopback.start_supernode(f"partition-id={pid} num-partitions=2")

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers.certs import make_node_key, make_tls
-from helpers.loopback import CONNECTION, Loopback
+from helpers.loopback import CONNECTION, Loopback, two_node_overrides
 from helpers.runs import ROOT, TINY, check_run_outputs
 
 # --------------------------------------------------------------------------- fast
@@ -158,21 +158,7 @@ def test_authenticated_supernodes_train_and_unknown_ones_are_refused(
     keyless = net.start_supernode("partition-id=1 num-partitions=2", None, 2)
 
     out_dir = tmp_path / "runs"
-    overrides = "; ".join(
-        [
-            "clients.num_clients=2",
-            "clients.ranks=[2, 8]",
-            "federation.rounds=1",
-            "federation.evaluate_clients=false",
-            f"model.path={tiny_bert_dir}",
-            "data.train_size=80",
-            "data.test_size=20",
-            "model.max_length=24",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            "run.name=secure",
-        ]
-    )
+    overrides = two_node_overrides(tiny_bert_dir, rounds=1, name="secure")
     result = net.flwr(
         "run",
         str(ROOT / "deploy"),

@@ -30,6 +30,25 @@ VENV_BIN = Path(sys.executable).parent
 CONNECTION = "raflora-loopback"
 
 
+def two_node_overrides(model_dir: Path, rounds: int, name: str) -> str:
+    """The ServerApp's ``overrides`` run-config value for a tiny 2-SuperNode run (ranks 2, 8)."""
+    return "; ".join(
+        [
+            "clients.num_clients=2",
+            "clients.ranks=[2, 8]",
+            f"federation.rounds={rounds}",
+            "federation.evaluate_clients=false",
+            f"model.path={model_dir}",
+            "data.train_size=80",
+            "data.test_size=20",
+            "model.max_length=24",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            f"run.name={name}",
+        ]
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
