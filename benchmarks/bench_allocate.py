@@ -17,6 +17,8 @@ resident set during one call (inputs excluded, outputs included) in a worker who
 returns every freed buffer to the OS; times in another worker with glibc's default allocator (as
 a server runs), calls after a tiny warm-up. Ours and the baseline alternate (ours, dense, ours,
 ...) and medians are reported.
+Also: the server's own per-round step (``aggregate`` + ``compress``, the full thin SVD it keeps
+as the global state) for a LLaMA-7B-shaped adapter, so the cost of a real round is on record.
 Relative difference: max over the clients' ranks r of ‖B_r A_r − D_r‖_F / ‖D_r‖_F, computed from
 the factors by QR (never forming m×n), against the dense baseline where it ran, else against
 ``factored_svd`` in float64 (Householder QR route), as the "vs" column says.
@@ -49,6 +51,7 @@ from _common import (
     run_worker,
     table,
 )
+from raflora.federation.global_state import compress
 from raflora.math import aggregate, allocate, factored_svd, lowrank
 
 RANK_SET = (4, 8, 16, 32, 64)
@@ -361,6 +364,31 @@ def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[s
     }  # fmt: skip
 
 
+def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
+    """What the Flower server itself runs per module and round (``aggregate_round``, adapter
+    mode): ``aggregate`` the clients' float32 factors, then ``compress``: the full thin SVD of
+    the rank-Σr update (Householder QR in float64, kept in float32), the state that payloads,
+    evaluation, export and checkpoints read. One LLaMA-7B layer (7 modules), K = 20, medians of
+    ``repeats`` calls after a warm-up; the whole adapter is 32 × that layer."""
+    torch.set_num_threads(threads)
+    shrink = 32 if quick else 1
+    out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}}
+    for name, (m, n) in LLAMA_7B.items():
+        factors, weights, _ = clients(m // shrink, n // shrink, 20, "float32", seed=11)
+        row: dict[str, float] = {}
+        for method in METHODS:
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                compress(*aggregate(method, factors, weights))
+                times.append(time.perf_counter() - start)
+            row[method] = median(times[1:])  # the first call warms up
+        out["modules"][name] = row
+    for method in METHODS:
+        out[f"{method}_adapter_seconds"] = 32 * sum(r[method] for r in out["modules"].values())
+    return out
+
+
 def slope(xs, ts) -> float:
     """Exponent p of t ∝ x^p (least squares in log-log)."""
     return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
@@ -414,7 +442,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all; --quick: 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of ours per worker")
     parser.add_argument("--layers", type=int, default=32, help="LLaMA layers")
-    parser.add_argument("--sections", default="grid,robustness,llama,scaling")
+    parser.add_argument("--sections", default="grid,robustness,llama,server,scaling")
     parser.add_argument(
         "--cells",
         choices=["all", "goal"],
@@ -516,6 +544,18 @@ def main() -> None:
         summary["llama7b_seconds_flexlora"] = result["seconds"]["flexlora"]
         if "gpu" in result:
             summary["llama7b_seconds_gpu"] = result["gpu"]["seconds"]["raflora"]
+    if "server" in sections:
+        result = server_step(args.threads, args.quick, 1 if args.quick else 3)
+        details["server_step"] = result
+        table(
+            "the server's own step per round: aggregate + compress (full thin SVD, float64), "
+            "K = 20 (whole adapter = 32 × one layer)",
+            ["module", *METHODS],
+            [[name, *[fmt_seconds(row[m]) for m in METHODS]]
+             for name, row in result["modules"].items()]
+            + [["whole adapter", *[fmt_seconds(result[f"{m}_adapter_seconds"]) for m in METHODS]]],
+        )  # fmt: skip
+        summary["server_step_adapter_seconds"] = result["raflora_adapter_seconds"]
     if "scaling" in sections:
         result = scaling(args.threads, args.quick)
         details["scaling"] = result

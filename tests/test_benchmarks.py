@@ -45,6 +45,7 @@ def test_bench_allocate_quick(tmp_path, capsys, monkeypatch) -> None:
         "rel_diff_4096_K20_float64",
         "rel_diff_4096_K20_float32",
         "llama7b_seconds",
+        "server_step_adapter_seconds",
         "slope_vs_K",
         "slope_vs_sum_rank",
         "slope_vs_m_plus_n",

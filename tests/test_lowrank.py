@@ -115,6 +115,35 @@ def test_factored_svd_reconstructs_and_is_deterministic():
         np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
 
 
+def test_factored_svd_keeps_every_triplet_orthonormal_for_a_spread_spectrum():
+    """Singular values from 1 to 1e-7: all k triplets stay orthonormal (Householder QR), which a
+    Gram-matrix route would lose for the small ones."""
+    rng = np.random.default_rng(4)
+    Q_left = np.linalg.qr(rng.standard_normal((60, 8)))[0]
+    Q_right = np.linalg.qr(rng.standard_normal((40, 8)))[0]
+    S_true = np.logspace(0, -7, 8)
+    B, A = Q_left * S_true, Q_right.T  # B A = Q_left diag(S_true) Q_rightᵀ
+    U, S, Vt = factored_svd(B, A)
+    np.testing.assert_allclose(S, S_true, rtol=1e-6)
+    np.testing.assert_allclose(U.T @ U, np.eye(8), atol=1e-12)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(8), atol=1e-12)
+    np.testing.assert_allclose((U * S) @ Vt, B @ A, atol=1e-14)
+
+
+def test_allocate_skips_the_gram_route_when_R_exceeds_m_and_n(monkeypatch):
+    """With more stacked columns than rows the Gram matrices are singular: no Gram is formed."""
+    from raflora.math import lowrank
+
+    grams = []
+    gram = lowrank._gram
+    monkeypatch.setattr(lowrank, "_gram", lambda X, *a: grams.append(X.shape) or gram(X, *a))
+    B, A = factors(8, 9, 12, seed=5)
+    Br, Ar = allocate(B, A, 3)
+    assert grams == []
+    Bd, Ad = dense_factors(B, A, 3, "us")
+    np.testing.assert_allclose(Br @ Ar, Bd @ Ad, atol=1e-10 * np.linalg.norm(B @ A))
+
+
 def test_truncate_slices_an_svd():
     B, A = factors(10, 9, 4)
     U, S, Vt = factored_svd(B, A)

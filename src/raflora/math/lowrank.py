@@ -92,7 +92,9 @@ def _gram(X: Tensor, blocks: int | None = None) -> Tensor:
 
 def _gram_cholesky(X: Tensor) -> Tensor | None:
     """Lower-triangular L (R, R) with XᵀX = L Lᵀ for X (m, R), or None when XᵀX is singular or
-    too ill-conditioned for X's dtype (a zero or near-duplicate column)."""
+    too ill-conditioned for X's dtype (a zero or near-duplicate column, or R > m)."""
+    if X.shape[1] > X.shape[0]:  # more columns than rows: XᵀX is singular
+        return None
     G = _gram(X)  # (R, R)
     d = G.diagonal().sqrt()  # column norms
     if not bool((d > 0).all()):
@@ -166,6 +168,9 @@ def factored_svd(B: Any, A: Any) -> tuple[Any, Any, Any]:
     Returns:
         ``U`` (m, k), ``S`` (k,) descending, ``Vt`` (k, n), with k = min(m, n, R), in the
         input's library, dtype and device. Slice it with :func:`truncate`.
+
+    Householder QR throughout: every triplet is accurate to the dtype, however spread the
+    spectrum (the Cholesky QR route of :func:`allocate` is accurate for the top triplets only).
     """
     Bt, At, backend = validate_pair(B, A)
     return tuple(backend.out(x) for x in _svd(Bt, At))  # type: ignore[return-value]
