@@ -130,15 +130,21 @@ def test_factored_svd_keeps_every_triplet_orthonormal_for_a_spread_spectrum():
     np.testing.assert_allclose((U * S) @ Vt, B @ A, atol=1e-14)
 
 
-def test_allocate_skips_the_gram_route_when_R_exceeds_m_and_n(monkeypatch):
-    """With more stacked columns than rows the Gram matrices are singular: no Gram is formed."""
+@pytest.mark.parametrize(("m", "n", "R"), [(8, 9, 12), (30, 6, 6)])
+def test_wide_factors_form_the_product(monkeypatch, m, n, R):
+    """R ≥ min(m, n): the dense product is cheaper than any factored route, so no Gram matrix
+    (nor QR of the factors) is computed, and the result still matches numpy."""
     from raflora.math import lowrank
 
     grams = []
     gram = lowrank._gram
     monkeypatch.setattr(lowrank, "_gram", lambda X, *a: grams.append(X.shape) or gram(X, *a))
-    B, A = factors(8, 9, 12, seed=5)
+    monkeypatch.setattr(lowrank.torch.linalg, "qr", None)  # any QR call would fail
+    B, A = factors(m, n, R, seed=5)
     Br, Ar = allocate(B, A, 3)
+    np.testing.assert_allclose(spectrum(B, A), np.linalg.svd(B @ A, compute_uv=False)[:R])
+    U, S, Vt = factored_svd(B, A)
+    np.testing.assert_allclose((U * S) @ Vt, B @ A, atol=1e-12 * S[0])
     assert grams == []
     Bd, Ad = dense_factors(B, A, 3, "us")
     np.testing.assert_allclose(Br @ Ar, Bd @ Ad, atol=1e-10 * np.linalg.norm(B @ A))

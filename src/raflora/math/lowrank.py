@@ -23,6 +23,10 @@ Its rounding error grows with the conditioning of B's columns, so when that Chol
 singular or ill-conditioned for the dtype (e.g. a zero or a duplicated column) it tries the same
 with Aᵀ, then falls back to the QR route above.
 
+When R ≥ min(m, n) (e.g. 50 clients' stacked updates of a 1024×1024 module) the factors hold at
+least as many numbers as B A and the factored routes cost more than a dense SVD, so every
+function here forms the product and decomposes it densely instead.
+
 Signs are fixed so that the largest-magnitude entry of each column of U is positive, which
 makes allocations reproducible across runs and array libraries.
 """
@@ -49,9 +53,26 @@ def _fix_signs(U: Tensor, S: Tensor, Vt: Tensor) -> tuple[Tensor, Tensor, Tensor
     return U.mul_(signs), S, Vt.mul_(signs[:, None])
 
 
+def _is_wide(B: Tensor, A: Tensor) -> bool:
+    """R ≥ min(m, n): the factors hold at least as many numbers as the product B A, and a
+    factored decomposition costs more than a dense one (QR of an m×R matrix with R ≥ m, a core
+    as large as B A itself), so the product is formed instead."""
+    return B.shape[1] >= min(B.shape[0], A.shape[1])
+
+
+def _dense_svd(B: Tensor, A: Tensor, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the formed product W = B @ A (m, n): U (m, top), S (k,), Vt (top, n)."""
+    U, S, Vt = torch.linalg.svd(B @ A, full_matrices=False)  # (m, k), (k,), (k, n)
+    if top is not None and top < S.shape[0]:
+        U, Vt = U[:, :top].contiguous(), Vt[:top].contiguous()  # do not pin the full U, Vt
+    return _fix_signs(U, S, Vt)
+
+
 def _svd(B: Tensor, A: Tensor, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of B @ A on torch tensors: U (m, k), S (k,), Vt (k, n), k = min(m, n, R),
     or only the first ``top`` triplets (then S still has all k values)."""
+    if _is_wide(B, A):
+        return _dense_svd(B, A, top)
     Q_B, R_B = torch.linalg.qr(B)  # (m, k1), (k1, R)
     Q_A, R_A = torch.linalg.qr(A.mT)  # (n, k2), (k2, R)
     U_c, S, Vt_c = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)  # (k1, k), (k,), (k, k2)
@@ -92,9 +113,7 @@ def _gram(X: Tensor, blocks: int | None = None) -> Tensor:
 
 def _gram_cholesky(X: Tensor) -> Tensor | None:
     """Lower-triangular L (R, R) with XᵀX = L Lᵀ for X (m, R), or None when XᵀX is singular or
-    too ill-conditioned for X's dtype (a zero or near-duplicate column, or R > m)."""
-    if X.shape[1] > X.shape[0]:  # more columns than rows: XᵀX is singular
-        return None
+    too ill-conditioned for X's dtype (a zero or near-duplicate column)."""
     G = _gram(X)  # (R, R)
     d = G.diagonal().sqrt()  # column norms
     if not bool((d > 0).all()):
@@ -131,7 +150,10 @@ def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] 
 
 def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
     """The first ``top`` triplets U (m, top), S (top,), Vt (top, n) of B @ A: Cholesky QR of B
-    (or, failing that, of Aᵀ), else Householder QR."""
+    (or, failing that, of Aᵀ), else Householder QR; the dense product when R ≥ min(m, n)."""
+    if _is_wide(B, A):
+        U, S, Vt = _dense_svd(B, A, top)
+        return U, S[:top], Vt
     L = _gram_cholesky(B)
     out = None if L is None else _one_sided(B, A, L, top)
     if out is None:
@@ -147,6 +169,8 @@ def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def _svdvals(B: Tensor, A: Tensor) -> Tensor:
     """Singular values of B @ A (descending, length min(m, n, R)) on torch tensors."""
+    if _is_wide(B, A):
+        return torch.linalg.svdvals(B @ A)
     R_B = torch.linalg.qr(B, mode="r")[1]  # (k1, R)
     R_A = torch.linalg.qr(A.mT, mode="r")[1]  # (k2, R)
     return torch.linalg.svdvals(R_B @ R_A.mT)
