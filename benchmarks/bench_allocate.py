@@ -167,22 +167,35 @@ def max_rel_diff(top, ref, ranks) -> float:
     )
 
 
-class FallbackCounter:
-    """Counts allocate's fallbacks from Cholesky QR to Householder QR (calls of lowrank._svd)."""
+class RouteCounter:
+    """Counts the routes ``allocate`` took inside the block: Householder QR fallbacks (calls of
+    ``lowrank._svd`` on factors with R < min(m, n)) and dense products (``lowrank._dense_svd``,
+    R ≥ min(m, n)); any other call took the Cholesky QR route."""
 
     def __init__(self) -> None:
-        self.count, self._svd = 0, lowrank._svd
+        self.fallbacks, self.dense = 0, 0
+        self._svd, self._dense_svd = lowrank._svd, lowrank._dense_svd
 
-    def __enter__(self) -> FallbackCounter:
-        def counted(*args, **kwargs):
-            self.count += 1
-            return self._svd(*args, **kwargs)
+    def __enter__(self) -> RouteCounter:
+        def householder(B, A, *args, **kwargs):
+            self.fallbacks += not lowrank._is_wide(B, A)
+            return self._svd(B, A, *args, **kwargs)
 
-        lowrank._svd = counted
+        def dense_product(*args, **kwargs):
+            self.dense += 1
+            return self._dense_svd(*args, **kwargs)
+
+        lowrank._svd, lowrank._dense_svd = householder, dense_product
         return self
 
     def __exit__(self, *exc) -> None:
-        lowrank._svd = self._svd
+        lowrank._svd, lowrank._dense_svd = self._svd, self._dense_svd
+
+    @property
+    def route(self) -> str:
+        if self.dense:
+            return "dense product"
+        return "Householder QR (fallback)" if self.fallbacks else "Cholesky QR"
 
 
 # --------------------------------------------------------------------------- workers
@@ -194,7 +207,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     fn = ours if spec["kind"] == "ours" else dense
     warm_up(fn, spec["method"], spec["dtype"])
     factors, weights, ranks = clients(spec["m"], spec["n"], spec["K"], spec["dtype"])
-    with FallbackCounter() as fallbacks:
+    with RouteCounter() as routes:
         pairs, first, peak = measure_call(lambda: fn(spec["method"], factors, weights, ranks))
     top = top_pair(pairs, ranks)
     del pairs
@@ -205,7 +218,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     if spec.get("save"):
         np.savez(spec["save"], B=top[0], A=top[1])
-    return {"seconds": times, "peak_bytes": peak, "fallbacks": fallbacks.count, "top": top}
+    return {"seconds": times, "peak_bytes": peak, "fallbacks": routes.fallbacks,
+            "route": routes.route, "top": top}  # fmt: skip
 
 
 def run_side(spec: dict[str, Any], isolated: bool, tmp: Path) -> dict[str, Any]:
@@ -262,6 +276,7 @@ def grid_cell(cell, threads: int, ours_repeats: int, isolated: bool) -> list[dic
             "ours_seconds": median([t for r in mine for t in r["seconds"]]),
             "ours_peak_bytes": median([r["peak_bytes"] for r in mine]),
             "ours_fallbacks": max(r["fallbacks"] for r in mine),
+            "ours_route": mine[0].get("route", "–"),
             "dense_seconds": median([t for r in theirs for t in r["seconds"]]),
             "dense_peak_bytes": median([r["peak_bytes"] for r in theirs]),
             "dense_runs": len(theirs),
@@ -310,13 +325,13 @@ def robustness(threads: int, quick: bool) -> list[dict[str, Any]]:
         for dtype in DTYPES:
             cast = [(B.astype(dtype), A.astype(dtype)) for B, A in factors]
             warm_up(ours, "raflora", dtype)
-            with FallbackCounter() as fallbacks:
+            with RouteCounter() as routes:
                 start = time.perf_counter()
                 pairs = ours("raflora", cast, weights, ranks)
                 seconds = time.perf_counter() - start
             rows.append({
                 "case": label, "m": size_, "sum_rank": sum(ranks), "dtype": dtype,
-                "route": "Householder QR (fallback)" if fallbacks.count else "Cholesky QR",
+                "route": routes.route,
                 "seconds": seconds, "rel_diff_vs_QR_float64": max_rel_diff(
                     top_pair(pairs, ranks), ref, ranks),
             })  # fmt: skip
@@ -343,7 +358,7 @@ def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[s
         ours(method, *data["q_proj"])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     totals = dict.fromkeys(METHODS, 0.0)
-    with FallbackCounter() as fallbacks:
+    with RouteCounter() as routes:
         for _ in range(layers):
             for name, (factors, weights, ranks) in data.items():
                 for method in METHODS:
@@ -357,7 +372,7 @@ def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[s
     ranks = data["q_proj"][2]
     return {
         "layers": layers, "K": K, "sum_rank": sum(ranks), "dtype": "float32", "device": device,
-        "seconds": totals, "fallbacks": fallbacks.count,
+        "seconds": totals, "fallbacks": routes.fallbacks,
         "module_median_seconds": {
             name: {method: median(v) for method, v in d.items()} for name, d in per_module.items()
         },
@@ -477,13 +492,13 @@ def main() -> None:
         table(
             "aggregate + allocate (ours) vs dense ΔW + full SVD (baseline); medians",
             ["m×n", "K", "Σr", "dtype", "method", "ours", "dense", "speed-up", "ours peak",
-             "dense peak", "mem ratio", "rel diff", "vs", "fallbacks"],
+             "dense peak", "mem ratio", "rel diff", "vs", "route"],
             [[f"{r['m']}×{r['n']}", r["K"], r["sum_rank"], r["dtype"], r["method"],
               fmt_seconds(r["ours_seconds"]), fmt_seconds(r["dense_seconds"]),
               f"{r['speedup']:.0f}×" if r["dense_runs"] else "–", fmt_bytes(r["ours_peak_bytes"]),
               fmt_bytes(r["dense_peak_bytes"]),
               f"{r['memory_ratio']:.1f}×" if r["dense_runs"] else "–", f"{r['rel_diff']:.1e}",
-              r["rel_diff_vs"], r["ours_fallbacks"]] for r in rows],
+              r["rel_diff_vs"], r["ours_route"]] for r in rows],
         )  # fmt: skip
         # The goal cell (4096², K = 20); a --quick run reports its own small cells instead.
         goal = {d: (4096, 4096, 20) for d in DTYPES}
