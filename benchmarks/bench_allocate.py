@@ -1,6 +1,6 @@
 """Server aggregation + SVD allocation at LLM scale, against the dense baseline (issue 6, item 1).
 
-    .venv/bin/python benchmarks/bench_allocate.py            # full run: about an hour on 2 cores
+    .venv/bin/python benchmarks/bench_allocate.py            # full run: about 20 minutes on 2 cores
     .venv/bin/python benchmarks/bench_allocate.py --quick    # smoke run: seconds, nothing saved
 
 Ours: ``aggregate(method, factors, weights)`` then ``allocate(B, A, ranks)`` with every client's
