@@ -151,8 +151,8 @@ def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] 
 def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
     """The first ``top`` triplets U (m, top), S (top,), Vt (top, n) of B @ A: Cholesky QR of B
     (or, failing that, of Aᵀ), else Householder QR; the dense product when R ≥ min(m, n)."""
-    if _is_wide(B, A):
-        U, S, Vt = _dense_svd(B, A, top)
+    if _is_wide(B, A):  # _svd forms the product: no factored route is cheaper
+        U, S, Vt = _svd(B, A, top)
         return U, S[:top], Vt
     L = _gram_cholesky(B)
     out = None if L is None else _one_sided(B, A, L, top)
