@@ -379,6 +379,23 @@ def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[s
     }  # fmt: skip
 
 
+def median_seconds(fn, args: tuple, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls ``fn(*args)`` after one untimed warm-up call (which
+    also pages in the inputs)."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def server_module_step(method: str, factors, weights):
+    """One module of ``aggregate_round`` in adapter mode: aggregate, then the full thin SVD."""
+    return compress(*aggregate(method, factors, weights))
+
+
 def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     """What the Flower server itself runs per module and round (``aggregate_round``, adapter
     mode): ``aggregate`` the clients' float32 factors, then ``compress``: the full thin SVD of
@@ -390,15 +407,10 @@ def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}}
     for name, (m, n) in LLAMA_7B.items():
         factors, weights, _ = clients(m // shrink, n // shrink, 20, "float32", seed=11)
-        row: dict[str, float] = {}
-        for method in METHODS:
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                compress(*aggregate(method, factors, weights))
-                times.append(time.perf_counter() - start)
-            row[method] = median(times[1:])  # the first call warms up
-        out["modules"][name] = row
+        out["modules"][name] = {
+            method: median_seconds(server_module_step, (method, factors, weights), repeats)
+            for method in METHODS
+        }
     for method in METHODS:
         out[f"{method}_adapter_seconds"] = 32 * sum(r[method] for r in out["modules"].values())
     return out
@@ -417,13 +429,7 @@ def scaling(threads: int, quick: bool) -> dict[str, Any]:
     series: dict[str, list[dict[str, Any]]] = {"K": [], "sum_rank": [], "m_plus_n": []}
 
     def timed(factors, weights, ranks) -> float:
-        ours("raflora", factors, weights, ranks)  # warm-up (and page in the inputs)
-        out = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            ours("raflora", factors, weights, ranks)
-            out.append(time.perf_counter() - start)
-        return median(out)
+        return median_seconds(ours, ("raflora", factors, weights, ranks), repeats)
 
     for K in (4, 8) if quick else (5, 10, 20, 40, 80):
         factors, weights, ranks = clients(size, size, K, "float32")
