@@ -2,6 +2,7 @@
 
 - :mod:`~raflora.math.lowrank`: factored SVD of B @ A, Eckart–Young allocation to any ranks.
 - :mod:`~raflora.math.aggregation`: the aggregation methods, their registry and `aggregate`.
+- :mod:`~raflora.math.stacked`: `aggregate_allocate`, both in one pass without the stack.
 - :mod:`~raflora.math.diagnostics`: spectrum-based rank-collapse diagnostics.
 - :mod:`~raflora.math.hetlora`: HetLoRA's client-side rank self-pruning.
 """
@@ -15,9 +16,11 @@ from raflora.math.aggregation import (
     register_method,
 )
 from raflora.math.lowrank import allocate, factored_norm, factored_svd, spectrum, truncate
+from raflora.math.stacked import aggregate_allocate
 
 __all__ = [
     "aggregate",
+    "aggregate_allocate",
     "allocate",
     "available_methods",
     "factored_norm",

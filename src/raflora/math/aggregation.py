@@ -48,14 +48,25 @@ from raflora.math._arrays import (
 from raflora.math.lowrank import _frobenius
 
 MethodFn = Callable[[Clients, Any], tuple[Tensor, Tensor]]
+# For a method whose global factors are the clients' own, stacked with a weight per column
+# (B = [B_1 diag(q_1) …], A = [A_1; …]): the weights q_k (r_k,) per client, or None when the
+# options leave that form (e.g. a rescaled flexlora).
+ColumnsFn = Callable[[Clients, Any], "list[list[float]] | None"]
 _REGISTRY: dict[str, tuple[MethodFn, type | None]] = {}
+_COLUMNS: dict[str, ColumnsFn] = {}
 
 
 # --------------------------------------------------------------------------- registry
 
 
-def register_method(name: str, fn: MethodFn, options_cls: type | None = None) -> None:
-    """Register ``fn(clients, options) -> (B, A)`` under a unique lower-case ``name``."""
+def register_method(
+    name: str, fn: MethodFn, options_cls: type | None = None, columns: ColumnsFn | None = None
+) -> None:
+    """Register ``fn(clients, options) -> (B, A)`` under a unique lower-case ``name``.
+
+    ``columns(clients, options)``, for a method that stacks the clients' factors with a weight
+    per column, returns those weights; :func:`raflora.math.stacked.aggregate_allocate` then
+    never forms the stack."""
     if not isinstance(name, str) or not name or name != name.lower() or not name.isidentifier():
         raise ValueError(f"method name {name!r} must be a non-empty lower-case identifier")
     if name in _REGISTRY:
@@ -63,6 +74,8 @@ def register_method(name: str, fn: MethodFn, options_cls: type | None = None) ->
     if options_cls is not None and not dataclasses.is_dataclass(options_cls):
         raise ValueError(f"options_cls for {name!r} must be a dataclass")
     _REGISTRY[name] = (fn, options_cls)
+    if columns is not None:
+        _COLUMNS[name] = columns
 
 
 def available_methods() -> list[str]:
@@ -113,8 +126,20 @@ def aggregate(
     """
     opts = method_options(method, **options)
     clients, backend = validate_factors(factors, weights)
-    B, A = _REGISTRY[method][0](clients, opts)
+    B, A = run_method(method, clients, opts)
     return backend.out(B), backend.out(A)
+
+
+def run_method(method: str, clients: Clients, options: Any) -> tuple[Tensor, Tensor]:
+    """``method``'s global factors B (m, R), A (R, n) for validated clients and options."""
+    return _REGISTRY[method][0](clients, options)
+
+
+def stacked_columns(method: str, clients: Clients, options: Any) -> list[list[float]] | None:
+    """Per-client column weights q_k (r_k,) of ``method``'s global factors
+    B = [B_1 diag(q_1) …], A = [A_1; …], or None when the method does not stack that way."""
+    columns = _COLUMNS.get(method)
+    return None if columns is None else columns(clients, options)
 
 
 # --------------------------------------------------------------------------- options
@@ -214,16 +239,12 @@ def _padded_average(c: Clients, q: np.ndarray) -> tuple[Tensor, Tensor]:
     return B, A
 
 
-def _stacked(
-    blocks: Sequence[tuple[float | Sequence[float], Tensor, Tensor]],
-) -> tuple[Tensor, Tensor]:
-    """Σ B_blk diag(q_blk) A_blk kept factored: B = [B_1 diag(q_1) … ], A = [A_1; …]; q_blk is
-    one weight for the block or one per column."""
-    B = torch.cat([Bb for _, Bb, _ in blocks], dim=1)  # (m, Σ r)
-    A = torch.cat([Ab for _, _, Ab in blocks], dim=0)  # (Σ r, n)
-    q = [
-        x for w, Bb, _ in blocks for x in (w if isinstance(w, Sequence) else [w] * Bb.shape[1])
-    ]  # one weight per column
+def _stacked(c: Clients, columns: Sequence[Sequence[float]]) -> tuple[Tensor, Tensor]:
+    """Σ_k B_k diag(q_k) A_k kept factored: B = [B_1 diag(q_1) … ] (m, Σ r), A = [A_1; …]
+    (Σ r, n), with ``columns[k]`` = q_k, one weight per column of client k."""
+    B = torch.cat(c.Bs, dim=1)  # (m, Σ r)
+    A = torch.cat(c.As, dim=0)  # (Σ r, n)
+    q = [w for qk in columns for w in qk]  # one weight per column
     B.mul_(torch.tensor(q, dtype=B.dtype, device=B.device))  # in place: no (m, Σ r) temporary
     return B, A
 
@@ -270,13 +291,22 @@ def rblora(c: Clients, _: None) -> tuple[Tensor, Tensor]:
     return _padded_average(c, q)
 
 
+def _client_columns(c: Clients, _: Any = None) -> list[list[float]]:
+    """Every column of client k weighted p_k: Σ p_k B_k A_k."""
+    return [[pk] * r for pk, r in zip(c.p, c.ranks, strict=True)]
+
+
+def _flexlora_columns(c: Clients, opts: FlexloraOptions) -> list[list[float]] | None:
+    return _client_columns(c) if opts.norm_target is None else None
+
+
 def flexlora(c: Clients, opts: FlexloraOptions) -> tuple[Tensor, Tensor]:
     """FlexLoRA (Bai et al. 2024): Σ p_k B_k A_k, stacked (rank Σ r_k).
 
     With ``norm_target`` B is scaled so that ‖B A‖_F = norm_target (a zero update can only be
     scaled to 0).
     """
-    B, A = _stacked(list(zip(c.p, c.Bs, c.As, strict=True)))
+    B, A = _stacked(c, _client_columns(c))
     if opts.norm_target is not None:
         norm = float(_frobenius(B, A))
         if norm == 0.0 and opts.norm_target > 0:
@@ -291,7 +321,7 @@ def flora(c: Clients, _: None) -> tuple[Tensor, Tensor]:
     The caller merges ``B @ A`` into the base weights and clients restart from a fresh LoRA
     initialisation each round; the product equals flexlora's.
     """
-    return _stacked(list(zip(c.p, c.Bs, c.As, strict=True)))
+    return _stacked(c, _client_columns(c))
 
 
 def raflora(c: Clients, opts: RafloraOptions) -> tuple[Tensor, Tensor]:
@@ -305,6 +335,11 @@ def raflora(c: Clients, opts: RafloraOptions) -> tuple[Tensor, Tensor]:
     B = [B_1 diag(q_1) …] with q_k the weight of each of client k's columns (one copy per
     client, like flexlora, instead of one per piece).
     """
+    return _stacked(c, _raflora_columns(c, opts))
+
+
+def _raflora_columns(c: Clients, opts: RafloraOptions) -> list[list[float]]:
+    """raflora's weight for each of each client's columns (see :func:`raflora`)."""
     bounds = partition_bounds(c.ranks, opts.partitions)
     q = _renormalised(c.ranks, c.p, bounds)  # (M, K)
     columns = [[0.0] * r for r in c.ranks]  # per client: the weight of each of its columns
@@ -320,7 +355,7 @@ def raflora(c: Clients, opts: RafloraOptions) -> tuple[Tensor, Tensor]:
                 weights = [v / total for v in raw]
         for k, w in zip(members, weights, strict=True):
             columns[k][lo : min(hi, c.ranks[k])] = [w] * (min(hi, c.ranks[k]) - lo)
-    return _stacked(list(zip(columns, c.Bs, c.As, strict=True)))
+    return columns
 
 
 def flexlora_nm(c: Clients, _: None) -> tuple[Tensor, Tensor]:
@@ -339,7 +374,7 @@ register_method("fedit", fedit)
 register_method("zeropad", zeropad)
 register_method("hetlora", hetlora, HetloraOptions)
 register_method("rblora", rblora)
-register_method("flexlora", flexlora, FlexloraOptions)
+register_method("flexlora", flexlora, FlexloraOptions, columns=_flexlora_columns)
 register_method("flexlora_nm", flexlora_nm)
-register_method("flora", flora)
-register_method("raflora", raflora, RafloraOptions)
+register_method("flora", flora, columns=_client_columns)
+register_method("raflora", raflora, RafloraOptions, columns=_raflora_columns)

@@ -34,6 +34,7 @@ makes allocations reproducible across runs and array libraries.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -90,31 +91,51 @@ _CHOLESKY_LIMIT = 1e-2
 _ORTHO_TOL = 512
 
 
+def _upper_tiles(R: int, blocks: int | None = None) -> list[tuple[slice, slice]]:
+    """The tiles (rows, cols) on and above the diagonal of a b×b tiling of an R×R matrix:
+    b = 1 below R = 256, b = 2 up to R ≈ 400, more for larger R (at most 6)."""
+    blocks = 1 if R < 256 and blocks is None else blocks or min(6, max(2, R // 192))
+    edges = [R * i // blocks for i in range(blocks + 1)]
+    cuts = [slice(lo, hi) for lo, hi in pairwise(edges)]
+    return [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
+
+
+def _add_gram(G: Tensor, X: Tensor, tiles: list[tuple[slice, slice]]) -> None:
+    """G += XᵀX on the ``tiles`` (on and above the diagonal) only, X (h, R), G (R, R)."""
+    for a, b in tiles:
+        G[a, b].addmm_(X[:, a].mT, X[:, b])
+
+
+def _mirror(G: Tensor, tiles: list[tuple[slice, slice]]) -> Tensor:
+    """Copy the off-diagonal ``tiles`` of G below the diagonal: G symmetric (in place)."""
+    for a, b in tiles:
+        if a != b:
+            G[b, a] = G[a, b].mT
+    return G
+
+
 def _gram(X: Tensor, blocks: int | None = None) -> Tensor:
     """XᵀX (R, R) for X (m, R). Symmetric, so for R ≥ 256 only the blocks on and above the
     diagonal of a b×b tiling are multiplied, (b + 1)/(2b) of the flops (BLAS has syrk for this;
-    torch does not expose it); b = 2 up to R ≈ 400, more for larger R. Equal to X.mT @ X up to
-    rounding (bitwise in the cases checked: each block is the same product)."""
+    torch does not expose it). Equal to X.mT @ X up to rounding."""
     R = X.shape[1]
-    if R < 256:
+    if R < 256 and blocks is None:
         return X.mT @ X
-    blocks = blocks or min(6, max(2, R // 192))
-    edges = [R * i // blocks for i in range(blocks + 1)]
-    G = X.new_empty(R, R)
-    for i in range(blocks):
-        a = slice(edges[i], edges[i + 1])
-        for j in range(i, blocks):
-            b = slice(edges[j], edges[j + 1])
-            G[a, b] = X[:, a].mT @ X[:, b]
-            if j > i:
-                G[b, a] = G[a, b].mT
-    return G
+    tiles = _upper_tiles(R, blocks)
+    G = X.new_zeros(R, R)
+    _add_gram(G, X, tiles)
+    return _mirror(G, tiles)
 
 
 def _gram_cholesky(X: Tensor) -> Tensor | None:
     """Lower-triangular L (R, R) with XᵀX = L Lᵀ for X (m, R), or None when XᵀX is singular or
     too ill-conditioned for X's dtype (a zero or near-duplicate column)."""
-    G = _gram(X)  # (R, R)
+    return _cholesky_of_gram(_gram(X))
+
+
+def _cholesky_of_gram(G: Tensor) -> Tensor | None:
+    """Lower-triangular L (R, R) with G = L Lᵀ for a Gram matrix G = XᵀX (overwritten), or None
+    when G is singular or too ill-conditioned for its dtype (a zero or near-duplicate column)."""
     d = G.diagonal().sqrt()  # column norms
     if not bool((d > 0).all()):
         return None
@@ -123,16 +144,17 @@ def _gram_cholesky(X: Tensor) -> Tensor | None:
     if int(info) != 0:
         return None
     smallest = float(L.diagonal().min())  # ≈ 1/κ of the equilibrated columns
-    if smallest <= 0 or torch.finfo(X.dtype).eps / smallest**2 > _CHOLESKY_LIMIT:
+    if smallest <= 0 or torch.finfo(L.dtype).eps / smallest**2 > _CHOLESKY_LIMIT:
         return None
     return L.mul_(d[:, None])  # XᵀX = D G̃ D = (D L̃)(D L̃)ᵀ
 
 
-def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] | None:
-    """Top triplets of X @ Y, X (m, R), Y (R, n), from XᵀX = L Lᵀ: with Q = X L⁻ᵀ orthonormal,
-    X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ (Y Yᵀ) L = U_c S² U_cᵀ (R×R eigh), so
-    U = X (L⁻ᵀ U_c) and Vᵀ = S⁻¹ U_cᵀ Lᵀ Y. None if the result is not orthonormal enough."""
-    H = L.mT @ (_gram(Y.mT) @ L)  # (R, R)
+def _core_maps(L: Tensor, G_Y: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """For X (m, R), Y (R, n) with XᵀX = L Lᵀ and G_Y = Y Yᵀ (R, R): the maps M_X, M_Y (R, top)
+    and S (top,) with U = X M_X, Vᵀ = M_Yᵀ Y the top triplets of X Y. With Q = X L⁻ᵀ
+    orthonormal, X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ G_Y L = U_c S² U_cᵀ (R×R eigh), so
+    M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. None if a top singular value is 0."""
+    H = L.mT @ (G_Y @ L)  # (R, R)
     lam, W = torch.linalg.eigh(H)  # ascending
     del H
     U_c = W[:, -top:].flip(-1)  # (R, top), a copy
@@ -141,11 +163,25 @@ def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] 
     if not bool((S > 0).all()):
         return None
     M_X = torch.linalg.solve_triangular(L.mT, U_c, upper=True)  # L⁻ᵀ U_c (R, top)
-    M_Y = (L @ U_c) / S  # (R, top)
-    U, Vt = X @ M_X, M_Y.mT @ Y  # (m, top), (top, n)
-    eye = torch.eye(top, dtype=U.dtype, device=U.device)
+    return M_X, (L @ U_c) / S, S
+
+
+def _orthonormal(U: Tensor, Vt: Tensor) -> bool:
+    """UᵀU = I and Vᵀ V = I to within _ORTHO_TOL · eps(dtype), entry-wise."""
+    eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     drift = max(float((U.mT @ U - eye).abs().max()), float((Vt @ Vt.mT - eye).abs().max()))
-    return None if drift > _ORTHO_TOL * torch.finfo(U.dtype).eps else (U, S, Vt)
+    return drift <= _ORTHO_TOL * torch.finfo(U.dtype).eps
+
+
+def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] | None:
+    """Top triplets U (m, top), S, Vt (top, n) of X @ Y, X (m, R), Y (R, n), from XᵀX = L Lᵀ
+    (see :func:`_core_maps`). None if the result is not orthonormal enough."""
+    maps = _core_maps(L, _gram(Y.mT), top)
+    if maps is None:
+        return None
+    M_X, M_Y, S = maps
+    U, Vt = X @ M_X, M_Y.mT @ Y  # (m, top), (top, n)
+    return (U, S, Vt) if _orthonormal(U, Vt) else None
 
 
 def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,6 +270,34 @@ def truncate(U: Any, S: Any, Vt: Any, rank: int, split: str = "us") -> tuple[Any
     return U[:, :r] * root, root[:, None] * Vt[:r]  # (m, r), (r, n)
 
 
+def rank_list(rank: Any, available: int) -> tuple[list[int], bool]:
+    """``rank`` (an int or a sequence of ints) as a list of checked ranks, and whether it was a
+    single int."""
+    single = isinstance(rank, (int, np.integer))
+    if not single and not isinstance(rank, (Sequence, np.ndarray)):
+        raise ValueError(f"rank must be an int or a sequence of ints, got {type(rank).__name__}")
+    ranks = [rank] if single else list(rank)
+    if not ranks:
+        raise ValueError("rank is an empty sequence; give at least one rank")
+    for r in ranks:
+        check_rank(r, available)
+    return ranks, single
+
+
+def shares(
+    U: Tensor, S: Tensor, Vt: Tensor, ranks: list[int], split: str
+) -> list[tuple[Tensor, Tensor]]:
+    """Every rank's factors as leading slices of one pair, (U S)[:, :r] = U_r S_r (``"us"``) or
+    U_r √S_r, √S_r V_rᵀ (``"sqrt"``), from the top triplets U (m, r_max), S, Vt (r_max, n);
+    U and Vt are scaled in place."""
+    if split == "us":
+        B_all, A_all = U.mul_(S), Vt  # (m, r_max), (r_max, n)
+    else:
+        root = S.sqrt()
+        B_all, A_all = U.mul_(root), Vt.mul_(root[:, None])
+    return [(B_all[:, :r], A_all[:r]) for r in ranks]
+
+
 def allocate(
     B: Any, A: Any, rank: int | Sequence[int], split: str = "us"
 ) -> tuple[Any, Any] | list[tuple[Any, Any]]:
@@ -253,22 +317,7 @@ def allocate(
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
     Bt, At, backend = validate_pair(B, A)
-    available = min(Bt.shape[0], At.shape[1], Bt.shape[1])
-    single = isinstance(rank, (int, np.integer))
-    if not single and not isinstance(rank, (Sequence, np.ndarray)):
-        raise ValueError(f"rank must be an int or a sequence of ints, got {type(rank).__name__}")
-    ranks = [rank] if single else list(rank)  # type: ignore[arg-type]
-    if not ranks:
-        raise ValueError("rank is an empty sequence; give at least one rank")
-    for r in ranks:
-        check_rank(r, available)
+    ranks, single = rank_list(rank, min(Bt.shape[0], At.shape[1], Bt.shape[1]))
     U, S, Vt = _top_svd(Bt, At, max(ranks))  # (m, r_max), (r_max,), (r_max, n)
-    # Every rank's factors are leading slices of one pair: (U S)[:, :r] = U_r S_r.
-    if split == "us":
-        B_all, A_all = U.mul_(S), Vt  # (m, r_max), (r_max, n)
-    else:
-        root = S.sqrt()
-        B_all, A_all = U.mul_(root), Vt.mul_(root[:, None])
-    B_all, A_all = backend.out(B_all), backend.out(A_all)
-    pairs = [(B_all[:, :r], A_all[:r]) for r in ranks]
+    pairs = [(backend.out(Br), backend.out(Ar)) for Br, Ar in shares(U, S, Vt, ranks, split)]
     return pairs[0] if single else pairs  # type: ignore[return-value]
