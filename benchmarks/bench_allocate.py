@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_allocate.py            # full run: about 20 minutes on 2 cores
     .venv/bin/python benchmarks/bench_allocate.py --quick    # smoke run: seconds, nothing saved
 
-Ours: ``aggregate(method, factors, weights)`` then ``allocate(B, A, ranks)`` with every client's
-rank (one decomposition for all of them), for raflora and flexlora. Baseline, FlexLoRA's reference
+Ours, two paths: ``aggregate(method, factors, weights)`` then ``allocate(B, A, ranks)`` with every
+client's rank (one decomposition for all of them), for raflora and flexlora; and the one-pass
+``aggregate_allocate(method, factors, weights, ranks)``, the same result without ever forming
+the stacked global factors (m, Σr) and (Σr, n). Baseline, FlexLoRA's reference
 recipe: form ΔW = Σ q B_blk A_blk as a dense m×n matrix (in place with ``addmm_``, kinder to it
 than a temporary per client), take its full thin SVD (``torch.linalg.svd``: LAPACK gesdd from the
 same MKL as ours), then give each client U_r S_r and V_rᵀ. For raflora the baseline forms
@@ -52,7 +54,7 @@ from _common import (
     table,
 )
 from raflora.federation.global_state import compress
-from raflora.math import aggregate, allocate, factored_svd, lowrank
+from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
 
 RANK_SET = (4, 8, 16, 32, 64)
 METHODS = ("raflora", "flexlora")
@@ -126,6 +128,13 @@ def warm_up(fn, method: str, dtype: str) -> None:
 def ours(method: str, factors, weights, ranks):
     B, A = aggregate(method, factors, weights)
     return allocate(B, A, ranks)
+
+
+def one_pass(method: str, factors, weights, ranks):
+    return aggregate_allocate(method, factors, weights, ranks)
+
+
+SIDES = {"ours": ours, "one_pass": one_pass}  # our two paths, each timed against the baseline
 
 
 def dense(method: str, factors, weights, ranks):
@@ -204,7 +213,7 @@ class RouteCounter:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One cell for one side: warm up, time + peak memory of one call, then more timed calls."""
     torch.set_num_threads(spec["threads"])
-    fn = ours if spec["kind"] == "ours" else dense
+    fn = SIDES.get(spec["kind"], dense)
     warm_up(fn, spec["method"], spec["dtype"])
     factors, weights, ranks = clients(spec["m"], spec["n"], spec["K"], spec["dtype"])
     with RouteCounter() as routes:
@@ -255,8 +264,9 @@ def grid_cell(cell, threads: int, ours_repeats: int, isolated: bool) -> list[dic
         # ours, dense, ours, dense, ..., ours: each side sees the same background load.
         for rep in range(dense_repeats + 1):
             for method in METHODS:
-                spec = {**base, "kind": "ours", "method": method, "repeats": ours_repeats}
-                runs.setdefault(("ours", method), []).append(run_side(spec, isolated, Path(tmp)))
+                for kind in SIDES:
+                    spec = {**base, "kind": kind, "method": method, "repeats": ours_repeats}
+                    runs.setdefault((kind, method), []).append(run_side(spec, isolated, Path(tmp)))
             if rep == dense_repeats:
                 break
             for method in dense_methods:
@@ -287,13 +297,23 @@ def grid_cell(cell, threads: int, ours_repeats: int, isolated: bool) -> list[dic
             B64, A64, _ = reference(method, m, n, K)
             row["dense_rel_diff_vs_float64"] = max_rel_diff(theirs[0]["top"], (B64, A64), ranks)
             row["ours_rel_diff_vs_float64"] = max_rel_diff(mine[0]["top"], (B64, A64), ranks)
+        once = runs[("one_pass", method)]
+        row |= {
+            "one_pass_seconds": median([t for r in once for t in r["seconds"]]),
+            "one_pass_peak_bytes": median([r["peak_bytes"] for r in once]),
+            "one_pass_route": once[0].get("route", "–"),
+            "one_pass_rel_diff": max_rel_diff(once[0]["top"], ref, ranks),
+        }
         row["speedup"] = row["dense_seconds"] / row["ours_seconds"]
         row["memory_ratio"] = row["dense_peak_bytes"] / max(row["ours_peak_bytes"], 1)
+        row["one_pass_speedup"] = row["dense_seconds"] / row["one_pass_seconds"]
+        row["one_pass_memory_ratio"] = row["dense_peak_bytes"] / max(row["one_pass_peak_bytes"], 1)
         rows.append(row)
         console.print(
             f"  {m}×{n} K={K} {dtype} {method}: ours {fmt_seconds(row['ours_seconds'])} "
             f"{fmt_bytes(row['ours_peak_bytes'])}, dense {fmt_seconds(row['dense_seconds'])} "
-            f"{fmt_bytes(row['dense_peak_bytes'])}, rel diff {row['rel_diff']:.1e}"
+            f"{fmt_bytes(row['dense_peak_bytes'])}, rel diff {row['rel_diff']:.1e}; one pass "
+            f"{fmt_seconds(row['one_pass_seconds'])} {fmt_bytes(row['one_pass_peak_bytes'])}"
         )
     return rows
 
@@ -329,11 +349,18 @@ def robustness(threads: int, quick: bool) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 pairs = ours("raflora", cast, weights, ranks)
                 seconds = time.perf_counter() - start
+            with RouteCounter() as once:
+                start = time.perf_counter()
+                single = one_pass("raflora", cast, weights, ranks)
+                once_seconds = time.perf_counter() - start
             rows.append({
                 "case": label, "m": size_, "sum_rank": sum(ranks), "dtype": dtype,
                 "route": routes.route,
                 "seconds": seconds, "rel_diff_vs_QR_float64": max_rel_diff(
                     top_pair(pairs, ranks), ref, ranks),
+                "one_pass_route": once.route, "one_pass_seconds": once_seconds,
+                "one_pass_rel_diff_vs_QR_float64": max_rel_diff(
+                    top_pair(single, ranks), ref, ranks),
             })  # fmt: skip
     return rows
 
@@ -356,23 +383,27 @@ def llama(threads: int, quick: bool, layers: int, device: str = "cpu") -> dict[s
         data[name] = (factors, weights, ranks)
     for method in METHODS:  # warm-up (on the device: kernels, cuSOLVER handles)
         ours(method, *data["q_proj"])
+        one_pass(method, *data["q_proj"])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     totals = dict.fromkeys(METHODS, 0.0)
+    one_pass_totals = dict.fromkeys(METHODS, 0.0)
     with RouteCounter() as routes:
         for _ in range(layers):
             for name, (factors, weights, ranks) in data.items():
                 for method in METHODS:
-                    sync()
-                    start = time.perf_counter()
-                    ours(method, factors, weights, ranks)
-                    sync()
-                    seconds = time.perf_counter() - start
-                    totals[method] += seconds
-                    per_module.setdefault(name, {}).setdefault(method, []).append(seconds)
+                    for fn, sums in ((ours, totals), (one_pass, one_pass_totals)):
+                        sync()
+                        start = time.perf_counter()
+                        fn(method, factors, weights, ranks)
+                        sync()
+                        seconds = time.perf_counter() - start
+                        sums[method] += seconds
+                        if fn is ours:
+                            per_module.setdefault(name, {}).setdefault(method, []).append(seconds)
     ranks = data["q_proj"][2]
     return {
         "layers": layers, "K": K, "sum_rank": sum(ranks), "dtype": "float32", "device": device,
-        "seconds": totals, "fallbacks": routes.fallbacks,
+        "seconds": totals, "one_pass_seconds": one_pass_totals, "fallbacks": routes.fallbacks,
         "module_median_seconds": {
             name: {method: median(v) for method, v in d.items()} for name, d in per_module.items()
         },
@@ -506,6 +537,17 @@ def main() -> None:
               f"{r['memory_ratio']:.1f}×" if r["dense_runs"] else "–", f"{r['rel_diff']:.1e}",
               r["rel_diff_vs"], r["ours_route"]] for r in rows],
         )  # fmt: skip
+        table(
+            "aggregate_allocate (one pass, no stack) vs the same dense baseline; medians",
+            ["m×n", "K", "Σr", "dtype", "method", "one pass", "speed-up", "peak", "mem ratio",
+             "rel diff", "route"],
+            [[f"{r['m']}×{r['n']}", r["K"], r["sum_rank"], r["dtype"], r["method"],
+              fmt_seconds(r["one_pass_seconds"]),
+              f"{r['one_pass_speedup']:.0f}×" if r["dense_runs"] else "–",
+              fmt_bytes(r["one_pass_peak_bytes"]),
+              f"{r['one_pass_memory_ratio']:.1f}×" if r["dense_runs"] else "–",
+              f"{r['one_pass_rel_diff']:.1e}", r["one_pass_route"]] for r in rows],
+        )  # fmt: skip
         # The goal cell (4096², K = 20); a --quick run reports its own small cells instead.
         goal = {d: (4096, 4096, 20) for d in DTYPES}
         if args.quick:
@@ -523,8 +565,16 @@ def main() -> None:
             "rel_diff_4096_K20_float32": max(r["rel_diff"] for r in f32),
             "speedup_4096_K20_float32": min(r["speedup"] for r in f32),
             "memory_ratio_4096_K20_float32": min(r["memory_ratio"] for r in f32),
-            "max_rel_diff_float64": max(r["rel_diff"] for r in rows if r["dtype"] == "float64"),
-            "max_rel_diff_float32": max(r["rel_diff"] for r in rows if r["dtype"] == "float32"),
+            "speedup_4096_K20_one_pass": min(r["one_pass_speedup"] for r in f64),
+            "memory_ratio_4096_K20_one_pass": min(r["one_pass_memory_ratio"] for r in f64),
+            "speedup_4096_K20_float32_one_pass": min(r["one_pass_speedup"] for r in f32),
+            "memory_ratio_4096_K20_float32_one_pass": min(r["one_pass_memory_ratio"] for r in f32),
+            "max_rel_diff_float64": max(
+                max(r["rel_diff"], r["one_pass_rel_diff"]) for r in rows if r["dtype"] == "float64"
+            ),
+            "max_rel_diff_float32": max(
+                max(r["rel_diff"], r["one_pass_rel_diff"]) for r in rows if r["dtype"] == "float32"
+            ),
         }
         summary["correct"] = bool(
             summary["max_rel_diff_float64"] <= GOAL["float64"]
@@ -535,12 +585,17 @@ def main() -> None:
         details["robustness"] = rows
         table(
             "allocate's route and accuracy on harder inputs (raflora, K clients)",
-            ["case", "m=n", "Σr", "dtype", "route", "time", "rel diff vs QR float64"],
+            ["case", "m=n", "Σr", "dtype", "route", "time", "rel diff vs QR float64",
+             "one pass: route", "time", "rel diff"],
             [[r["case"], r["m"], r["sum_rank"], r["dtype"], r["route"], fmt_seconds(r["seconds"]),
-              f"{r['rel_diff_vs_QR_float64']:.1e}"] for r in rows],
+              f"{r['rel_diff_vs_QR_float64']:.1e}", r["one_pass_route"],
+              fmt_seconds(r["one_pass_seconds"]), f"{r['one_pass_rel_diff_vs_QR_float64']:.1e}"]
+             for r in rows],
         )  # fmt: skip
         summary["robust_correct"] = all(
-            r["rel_diff_vs_QR_float64"] <= GOAL[r["dtype"]] for r in rows
+            max(r["rel_diff_vs_QR_float64"], r["one_pass_rel_diff_vs_QR_float64"])
+            <= GOAL[r["dtype"]]
+            for r in rows
         )
     if "llama" in sections:
         result = llama(args.threads, args.quick, 1 if args.quick else args.layers)
@@ -558,11 +613,14 @@ def main() -> None:
             [[name, *[fmt_seconds(v[m]) for m in METHODS]]
              for name, v in result["module_median_seconds"].items()]
             + [["whole adapter", *[fmt_seconds(result["seconds"][m]) for m in METHODS]]]
+            + [["whole adapter, one pass",
+                *[fmt_seconds(result["one_pass_seconds"][m]) for m in METHODS]]]
             + [[f"whole adapter on {g['name']}", *[fmt_seconds(g["seconds"][m]) for m in METHODS]]
                for g in ([result["gpu"]] if "gpu" in result else [])],
         )  # fmt: skip
         summary["llama7b_seconds"] = result["seconds"]["raflora"]
         summary["llama7b_seconds_flexlora"] = result["seconds"]["flexlora"]
+        summary["llama7b_seconds_one_pass"] = result["one_pass_seconds"]["raflora"]
         if "gpu" in result:
             summary["llama7b_seconds_gpu"] = result["gpu"]["seconds"]["raflora"]
     if "server" in sections:

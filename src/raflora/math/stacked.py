@@ -15,8 +15,8 @@ with M_B, M_A (R, top) from the Cholesky route of :mod:`raflora.math.lowrank` (s
 orthonormality check, the mirrored side if B's Gram is ill-conditioned). Each block of B or A is
 assembled, weighted, in one small buffer, so memory beyond the inputs is O(R² + (m + n)·top +
 block·R) instead of O((m + n)·R); the flops are those of ``aggregate`` + ``allocate``. When
-neither Cholesky side is accurate enough, or R ≥ min(m, n), the stack is formed and
-:func:`~raflora.math.lowrank.allocate`'s own routes run, so results never depend on the path.
+neither Cholesky side is accurate enough the stack is formed for allocate's Householder QR
+route, and when R ≥ min(m, n) for its dense product, so results never depend on the path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from raflora.math import lowrank
 from raflora.math._arrays import Clients, validate_factors
 from raflora.math.aggregation import _stacked, method_options, run_method, stacked_columns
 from raflora.math.lowrank import (
@@ -156,16 +157,17 @@ def aggregate_allocate(
     opts = method_options(method, **options)
     clients, backend = validate_factors(factors, weights)
     columns = stacked_columns(method, clients, opts)
-    out = None
-    if columns is not None and sum(clients.ranks) < min(clients.m, clients.n):
+    if columns is None or sum(clients.ranks) >= min(clients.m, clients.n):
+        B, A = run_method(method, clients, opts) if columns is None else _stacked(clients, columns)
+        ranks, single = rank_list(rank, min(B.shape[0], A.shape[1], B.shape[1]))
+        out = _top_svd(B, A, max(ranks))  # allocate's routes (the dense product when wide)
+    else:
         ranks, single = rank_list(rank, sum(clients.ranks))
         out = _top_svd_streamed(_Stack(clients, columns), max(ranks))
-        out = None if out is None else _fix_signs(*out)
-    if out is None:  # form the global factors and take allocate's routes
-        B, A = (
-            _stacked(clients, columns) if columns is not None else run_method(method, clients, opts)
-        )
-        ranks, single = rank_list(rank, min(B.shape[0], A.shape[1], B.shape[1]))
-        out = _top_svd(B, A, max(ranks))
+        if out is None:  # both Cholesky sides failed: form the stack for Householder QR
+            U, S, Vt = lowrank._svd(*_stacked(clients, columns), max(ranks))
+            out = (U, S[: max(ranks)], Vt)
+        else:
+            out = _fix_signs(*out)
     pairs = [(backend.out(Br), backend.out(Ar)) for Br, Ar in shares(*out, ranks, split)]
     return pairs[0] if single else pairs  # type: ignore[return-value]
