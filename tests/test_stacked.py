@@ -145,6 +145,14 @@ def test_ill_conditioned_stack_takes_a_safe_route(small_blocks):
         np.testing.assert_allclose(Br @ Ar, Bd @ Ad, atol=1e-9 * np.abs(W).max())
 
 
+def test_zero_weight_columns_match_the_two_calls(no_stack):
+    """A client of weight 0 that alone holds the top partition leaves zero columns in B."""
+    factors = make_factors([2, 2, 6], m=80, n=70, seed=4)
+    got = aggregate_allocate("raflora", factors, [1.0, 2.0, 0.0], [2, 2, 2])
+    want = allocate(*aggregate("raflora", factors, [1.0, 2.0, 0.0]), [2, 2, 2])
+    np.testing.assert_allclose(got[0][0] @ got[0][1], want[0][0] @ want[0][1], atol=1e-12)
+
+
 def test_duplicate_columns_on_both_sides_fall_back_to_householder(monkeypatch):
     B0, A0 = make_factors([3], m=60, n=50, seed=2)[0]
     factors = [(B0, A0), (B0.copy(), A0.copy())]
