@@ -19,8 +19,9 @@ resident set during one call (inputs excluded, outputs included) in a worker who
 returns every freed buffer to the OS; times in another worker with glibc's default allocator (as
 a server runs), calls after a tiny warm-up. Ours and the baseline alternate (ours, dense, ours,
 ...) and medians are reported.
-Also: the server's own per-round step (``aggregate`` + ``compress``, the full thin SVD it keeps
-as the global state) for a LLaMA-7B-shaped adapter, so the cost of a real round is on record.
+Also: the server's own per-round step (``aggregate`` + ``compress``, the thin SVD of every
+significant direction it keeps as the global state) for a LLaMA-7B-shaped adapter, against the
+previous Householder-QR ``compress``, so the cost of a real round is on record.
 Relative difference: max over the clients' ranks r of ‖B_r A_r − D_r‖_F / ‖D_r‖_F, computed from
 the factors by QR (never forming m×n), against the dense baseline where it ran, else against
 ``factored_svd`` in float64 (Householder QR route), as the "vs" column says.
@@ -423,8 +424,18 @@ def median_seconds(fn, args: tuple, repeats: int) -> float:
 
 
 def server_module_step(method: str, factors, weights):
-    """One module of ``aggregate_round`` in adapter mode: aggregate, then the full thin SVD."""
+    """One module of ``aggregate_round`` in adapter mode: aggregate, then ``compress`` (the
+    thin SVD of every significant direction, by ``significant_svd``)."""
     return compress(*aggregate(method, factors, weights))
+
+
+def server_module_step_householder(method: str, factors, weights):
+    """The same with the server's previous ``compress``: Householder-QR ``factored_svd`` of
+    every direction in float64, then the same threshold and float32 cast (the baseline)."""
+    B, A = aggregate(method, factors, weights)
+    U, S, Vt = factored_svd(B.astype(np.float64), A.astype(np.float64))
+    keep = int(np.sum(max(B.shape[0], A.shape[1]) * np.finfo(np.float32).eps * S[0] < S))
+    return U[:, :keep].astype(np.float32), S[:keep].astype(np.float32), Vt[:keep].astype(np.float32)
 
 
 def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
@@ -439,11 +450,19 @@ def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     for name, (m, n) in LLAMA_7B.items():
         factors, weights, _ = clients(m // shrink, n // shrink, 20, "float32", seed=11)
         out["modules"][name] = {
-            method: median_seconds(server_module_step, (method, factors, weights), repeats)
+            f"{method}{suffix}": median_seconds(step, (method, factors, weights), repeats)
             for method in METHODS
-        }
+            for suffix, step in (("", server_module_step),
+                                 ("_householder", server_module_step_householder))
+        }  # fmt: skip
     for method in METHODS:
-        out[f"{method}_adapter_seconds"] = 32 * sum(r[method] for r in out["modules"].values())
+        for suffix in ("", "_householder"):
+            out[f"{method}{suffix}_adapter_seconds"] = 32 * sum(
+                r[method + suffix] for r in out["modules"].values()
+            )
+        out[f"{method}_speedup"] = (
+            out[f"{method}_householder_adapter_seconds"] / out[f"{method}_adapter_seconds"]
+        )
     return out
 
 
@@ -626,15 +645,19 @@ def main() -> None:
     if "server" in sections:
         result = server_step(args.threads, args.quick, 1 if args.quick else 3)
         details["server_step"] = result
+        columns = [f"{m}{s}" for m in METHODS for s in ("", "_householder")]
         table(
-            "the server's own step per round: aggregate + compress (full thin SVD, float64), "
-            "K = 20 (whole adapter = 32 × one layer)",
-            ["module", *METHODS],
-            [[name, *[fmt_seconds(row[m]) for m in METHODS]]
+            "the server's own step per round: aggregate + compress (thin SVD of every significant "
+            "direction, float64) vs the previous Householder-QR compress, K = 20 (whole adapter "
+            "= 32 × one layer)",
+            ["module", *[c.replace("_householder", " (Householder)") for c in columns]],
+            [[name, *[fmt_seconds(row[c]) for c in columns]]
              for name, row in result["modules"].items()]
-            + [["whole adapter", *[fmt_seconds(result[f"{m}_adapter_seconds"]) for m in METHODS]]],
+            + [["whole adapter",
+                *[fmt_seconds(result[f"{c}_adapter_seconds"]) for c in columns]]],
         )  # fmt: skip
         summary["server_step_adapter_seconds"] = result["raflora_adapter_seconds"]
+        summary["server_step_speedup"] = result["raflora_speedup"]
     if "scaling" in sections:
         result = scaling(args.threads, args.quick)
         details["scaling"] = result

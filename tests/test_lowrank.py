@@ -8,7 +8,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from raflora.math import allocate, factored_norm, factored_svd, spectrum, truncate
+from raflora.math import allocate, factored_norm, factored_svd, lowrank, spectrum, truncate
+from raflora.math.lowrank import significant_svd
 
 
 def factors(m, n, R, seed=0):
@@ -128,6 +129,83 @@ def test_factored_svd_keeps_every_triplet_orthonormal_for_a_spread_spectrum():
     np.testing.assert_allclose(U.T @ U, np.eye(8), atol=1e-12)
     np.testing.assert_allclose(Vt @ Vt.T, np.eye(8), atol=1e-12)
     np.testing.assert_allclose((U * S) @ Vt, B @ A, atol=1e-14)
+
+
+def spread_factors(m, n, S_true, seed):
+    """B (m, k), A (k, n) with B A = Q_L diag(S_true) Q_Rᵀ: a known spectrum."""
+    rng = np.random.default_rng(seed)
+    k = len(S_true)
+    Q_left = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    Q_right = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    mix = rng.standard_normal((k, k))  # B and A are not orthogonal themselves
+    return Q_left * S_true @ mix, np.linalg.solve(mix, Q_right.T)
+
+
+def count_householder(monkeypatch):
+    calls = []
+    svd = lowrank._svd
+    monkeypatch.setattr(lowrank, "_svd", lambda *a: calls.append(1) or svd(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-3, 0.5])
+def test_significant_svd_matches_dense_numpy_above_the_threshold(monkeypatch, rtol):
+    B, A = factors(90, 70, 12, seed=8)
+    calls = count_householder(monkeypatch)
+    U, S, Vt = significant_svd(B, A, rtol)
+    assert not calls, "a well-conditioned stack takes the Cholesky route"
+    Ud, Sd, Vtd = dense_svd(B, A)
+    k = int(np.sum(Sd[:12] > rtol * Sd[0]))  # B A has rank 12
+    assert S.shape == (k,) and U.shape == (90, k) and Vt.shape == (k, 70)
+    np.testing.assert_allclose(S, Sd[:k], rtol=1e-12)
+    np.testing.assert_allclose(U, Ud[:, :k], atol=1e-10)
+    np.testing.assert_allclose(Vt, Vtd[:k], atol=1e-10)
+
+
+def test_significant_svd_is_accurate_to_float32_on_a_spread_spectrum():
+    """σ from 1 to 1e-9, threshold 3e-6: every kept triplet is orthonormal to float32 precision
+    and the kept product matches the dense truncation, whichever route answered."""
+    S_true = np.logspace(0, -9, 10)
+    B, A = spread_factors(80, 60, S_true, seed=3)
+    U, S, Vt = significant_svd(B, A, 3e-6)
+    assert S.shape == (6,)  # 1, 1e-1, …, 1e-5 lie above 3e-6 · σ_1
+    eps32 = np.finfo(np.float32).eps
+    assert np.abs(U.T @ U - np.eye(6)).max() <= eps32
+    assert np.abs(Vt @ Vt.T - np.eye(6)).max() <= eps32
+    np.testing.assert_allclose(S, S_true[:6], rtol=1e-9)
+    Ud, Sd, Vtd = dense_svd(B, A)
+    np.testing.assert_allclose((U * S) @ Vt, (Ud[:, :6] * Sd[:6]) @ Vtd[:6], atol=1e-12)
+
+
+def test_significant_svd_falls_back_to_householder_for_duplicate_columns(monkeypatch):
+    B, A = factors(50, 40, 4, seed=9)
+    B2, A2 = np.hstack([B, B]), np.vstack([A, A])  # B2's Gram is singular
+    calls = count_householder(monkeypatch)
+    U, S, Vt = significant_svd(B2, A2, 1e-8)
+    assert calls
+    assert S.shape == (4,)
+    np.testing.assert_allclose((U * S) @ Vt, B2 @ A2, atol=1e-10)
+
+
+def test_significant_svd_float64_storage_demands_float64_orthonormality(monkeypatch):
+    """The Cholesky route is kept only when orthonormal to eps(storage); for float64 storage
+    on a spread spectrum that fails, and Householder QR answers."""
+    B, A = spread_factors(80, 60, np.logspace(0, -9, 10), seed=5)
+    calls = count_householder(monkeypatch)
+    U, S, _ = significant_svd(B, A, 1e-12, storage=np.float64)
+    assert calls
+    np.testing.assert_allclose(U.T @ U, np.eye(S.shape[0]), atol=1e-13)
+
+
+def test_significant_svd_zero_product_and_bad_rtol():
+    B, A = np.zeros((10, 3)), np.ones((3, 8))
+    U, S, Vt = significant_svd(B, A, 1e-6)
+    assert U.shape == (10, 0) and S.shape == (0,) and Vt.shape == (0, 8)
+    Ut, St, _ = significant_svd(torch.ones(10, 3), torch.ones(3, 8), 0.1)
+    assert isinstance(Ut, torch.Tensor) and St.shape == (1,)
+    for rtol in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="rtol must be a finite number"):
+            significant_svd(np.ones((4, 2)), np.ones((2, 4)), rtol)
 
 
 @pytest.mark.parametrize(("m", "n", "R"), [(8, 9, 12), (30, 6, 6)])

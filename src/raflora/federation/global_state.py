@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raflora.math import aggregate, factored_svd
+from raflora.math import aggregate
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -32,6 +32,7 @@ from raflora.math.diagnostics import (
     stable_rank,
     top_energy,
 )
+from raflora.math.lowrank import significant_svd
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 
@@ -68,13 +69,11 @@ class SVDUpdate:
 
 def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdate:
     """Thin SVD of ``B @ A`` without forming it, dropping directions with σ below
-    ``max(m, n) · eps(float32) · σ_max`` (numerically zero, as `numpy.linalg.matrix_rank`)."""
-    U, S, Vt = factored_svd(np.asarray(B, np.float64), np.asarray(A, np.float64))
-    if S.size and S[0] > 0:
-        keep = int(np.sum(max(B.shape[0], A.shape[1]) * np.finfo(np.float32).eps * S[0] < S))
-    else:
-        keep = 0
-    return SVDUpdate(U[:, :keep].astype(dtype), S[:keep].astype(dtype), Vt[:keep].astype(dtype))
+    ``max(m, n) · eps(float32) · σ_max`` (numerically zero, as `numpy.linalg.matrix_rank`);
+    computed in float64, accurate to ``dtype`` (`significant_svd`)."""
+    rtol = max(B.shape[0], A.shape[1]) * float(np.finfo(np.float32).eps)
+    U, S, Vt = significant_svd(np.asarray(B, np.float64), np.asarray(A, np.float64), rtol, dtype)
+    return SVDUpdate(U.astype(dtype), S.astype(dtype), Vt.astype(dtype))
 
 
 def empty_update(m: int, n: int) -> SVDUpdate:

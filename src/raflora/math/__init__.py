@@ -15,7 +15,14 @@ from raflora.math.aggregation import (
     partition_weights,
     register_method,
 )
-from raflora.math.lowrank import allocate, factored_norm, factored_svd, spectrum, truncate
+from raflora.math.lowrank import (
+    allocate,
+    factored_norm,
+    factored_svd,
+    significant_svd,
+    spectrum,
+    truncate,
+)
 from raflora.math.stacked import aggregate_allocate
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "partition_bounds",
     "partition_weights",
     "register_method",
+    "significant_svd",
     "spectrum",
     "truncate",
 ]

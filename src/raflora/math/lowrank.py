@@ -23,6 +23,10 @@ Its rounding error grows with the conditioning of B's columns, so when that Chol
 singular or ill-conditioned for the dtype (e.g. a zero or a duplicated column) it tries the same
 with Aᵀ, then falls back to the QR route above.
 
+:func:`significant_svd` (the server's global state) takes the same route for every direction
+above a threshold at once, and keeps it when it is orthonormal to the precision the result
+will be stored in (float32), else Householder QR.
+
 When R ≥ min(m, n) (e.g. 50 clients' stacked updates of a 1024×1024 module) the factors hold at
 least as many numbers as B A and the factored routes cost more than a dense SVD, so every
 function here forms the product and decomposes it densely instead.
@@ -33,6 +37,7 @@ makes allocations reproducible across runs and array libraries.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
@@ -149,14 +154,22 @@ def _cholesky_of_gram(G: Tensor) -> Tensor | None:
     return L.mul_(d[:, None])  # XᵀX = D G̃ D = (D L̃)(D L̃)ᵀ
 
 
-def _core_maps(L: Tensor, G_Y: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor] | None:
+def _core_maps(
+    L: Tensor, G_Y: Tensor, top: int, rtol: float | None = None
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """For X (m, R), Y (R, n) with XᵀX = L Lᵀ and G_Y = Y Yᵀ (R, R): the maps M_X, M_Y (R, top)
     and S (top,) with U = X M_X, Vᵀ = M_Yᵀ Y the top triplets of X Y. With Q = X L⁻ᵀ
     orthonormal, X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ G_Y L = U_c S² U_cᵀ (R×R eigh), so
-    M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. None if a top singular value is 0."""
+    M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. With ``rtol``, top is instead the number of singular
+    values above rtol · σ_1. None if a top singular value is 0."""
     H = L.mT @ (G_Y @ L)  # (R, R)
     lam, W = torch.linalg.eigh(H)  # ascending
     del H
+    if rtol is not None:
+        sigma = lam.clamp(min=0).sqrt()
+        top = int((sigma > rtol * sigma[-1]).sum())
+        if top == 0:
+            return None
     U_c = W[:, -top:].flip(-1)  # (R, top), a copy
     S = lam[-top:].flip(-1).clamp(min=0).sqrt()  # (top,)
     del W, lam
@@ -166,11 +179,12 @@ def _core_maps(L: Tensor, G_Y: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor
     return M_X, (L @ U_c) / S, S
 
 
-def _orthonormal(U: Tensor, Vt: Tensor) -> bool:
-    """UᵀU = I and Vᵀ V = I to within _ORTHO_TOL · eps(dtype), entry-wise."""
+def _orthonormal(U: Tensor, Vt: Tensor, tol: float | None = None) -> bool:
+    """UᵀU = I and Vᵀ V = I to within ``tol`` entry-wise (default _ORTHO_TOL · eps(dtype))."""
+    tol = _ORTHO_TOL * torch.finfo(U.dtype).eps if tol is None else tol
     eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     drift = max(float((U.mT @ U - eye).abs().max()), float((Vt @ Vt.mT - eye).abs().max()))
-    return drift <= _ORTHO_TOL * torch.finfo(U.dtype).eps
+    return drift <= tol
 
 
 def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] | None:
@@ -234,6 +248,54 @@ def factored_svd(B: Any, A: Any) -> tuple[Any, Any, Any]:
     """
     Bt, At, backend = validate_pair(B, A)
     return tuple(backend.out(x) for x in _svd(Bt, At))  # type: ignore[return-value]
+
+
+def _significant_cholesky(B: Tensor, A: Tensor, rtol: float, tol: float) -> tuple | None:
+    """The Cholesky route for every triplet with σ_i > rtol · σ_1 (see :func:`_core_maps`), or
+    None when it is not orthonormal to ``tol`` (or B's Gram is too ill-conditioned)."""
+    L = _gram_cholesky(B)
+    maps = None if L is None else _core_maps(L, _gram(A.mT), 0, rtol=rtol)
+    if maps is None:
+        return None
+    U, Vt = B @ maps[0], maps[1].mT @ A  # (m, k), (k, n)
+    return (U, maps[2], Vt) if _orthonormal(U, Vt, tol) else None
+
+
+def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> tuple[Any, Any, Any]:
+    """Thin SVD of ``B @ A`` restricted to the directions with σ_i > rtol · σ_1, accurate to
+    the dtype the caller will store it in.
+
+    Args:
+        B: (m, R), A: (R, n), as for :func:`factored_svd` (compute in float64 for float32
+            storage).
+        rtol: relative threshold on the singular values, ≥ 0.
+        storage: dtype the result will be kept in (numpy or torch dtype).
+
+    Returns:
+        ``U`` (m, k), ``S`` (k,), ``Vt`` (k, n) with k the number of kept directions (0 for a
+        zero product), in the input's library and dtype.
+
+    Takes the Cholesky route of :func:`allocate` for all kept triplets at once (two Gram
+    products and one R×R eigendecomposition instead of two Householder QRs, their Q factors
+    and two m×R×R products, about 1.7× faster) when its singular vectors are orthonormal to
+    eps(storage); otherwise, and for Σr ≥ min(m, n), :func:`factored_svd` and the threshold.
+    """
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number ≥ 0, got {rtol!r}")
+    Bt, At, backend = validate_pair(B, A)
+    eps = (
+        float(np.finfo(storage).eps)
+        if not isinstance(storage, torch.dtype)
+        else float(torch.finfo(storage).eps)
+    )
+    out = None if _is_wide(Bt, At) else _significant_cholesky(Bt, At, rtol, eps)
+    if out is not None:
+        out = _fix_signs(*out)
+    else:
+        U, S, Vt = _svd(Bt, At)
+        keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
+        out = (U[:, :keep], S[:keep], Vt[:keep])
+    return tuple(backend.out(x) for x in out)  # type: ignore[return-value]
 
 
 def spectrum(B: Any, A: Any) -> Any:
