@@ -148,12 +148,13 @@ def count_householder(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("rtol", [0.0, 1e-3, 0.5])
+@pytest.mark.parametrize("rtol", [0.0, 1e-9, 1e-3, 0.5])
 def test_significant_svd_matches_dense_numpy_above_the_threshold(monkeypatch, rtol):
     B, A = factors(90, 70, 12, seed=8)
     calls = count_householder(monkeypatch)
     U, S, Vt = significant_svd(B, A, rtol)
-    assert not calls, "a well-conditioned stack takes the Cholesky route"
+    # the Gram route resolves σ down to ≈ √eps · σ_1 only: below that, Householder QR answers
+    assert bool(calls) == (rtol < 1e-7)
     Ud, Sd, Vtd = dense_svd(B, A)
     k = int(np.sum(Sd[:12] > rtol * Sd[0]))  # B A has rank 12
     assert S.shape == (k,) and U.shape == (90, k) and Vt.shape == (k, 70)
@@ -184,6 +185,19 @@ def test_significant_svd_falls_back_to_householder_for_duplicate_columns(monkeyp
     U, S, Vt = significant_svd(B2, A2, 1e-8)
     assert calls
     assert S.shape == (4,)
+    np.testing.assert_allclose((U * S) @ Vt, B2 @ A2, atol=1e-10)
+
+
+def test_significant_svd_uses_the_mirrored_side_when_only_b_is_degenerate(monkeypatch):
+    B, A = factors(60, 50, 4, seed=12)
+    rng = np.random.default_rng(13)
+    B2, A2 = np.hstack([B, B]), np.vstack([A, rng.standard_normal((4, 50))])  # B's Gram singular
+    calls = count_householder(monkeypatch)
+    U, S, Vt = significant_svd(B2, A2, 1e-6)
+    assert not calls, "Aᵀ's Gram is well conditioned: no Householder QR needed"
+    Sd = dense_svd(B2, A2)[1]
+    assert S.shape == (4,)  # B2 A2 = B (A + A'): rank 4
+    np.testing.assert_allclose(S, Sd[:4], rtol=1e-10)
     np.testing.assert_allclose((U * S) @ Vt, B2 @ A2, atol=1e-10)
 
 
