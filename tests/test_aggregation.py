@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.factors import make_factors
 from raflora.math import (
     aggregate,
     aggregation,
@@ -19,14 +20,6 @@ from raflora.math import (
 )
 
 METHODS = ["zeropad", "hetlora", "rblora", "flexlora", "flora", "raflora"]
-
-
-def make_factors(ranks, m=7, n=5, seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.standard_normal((m, r)).astype(dtype), rng.standard_normal((r, n)).astype(dtype))
-        for r in ranks
-    ]
 
 
 # --------------------------------------------------------------------- dense references

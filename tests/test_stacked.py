@@ -8,15 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.factors import make_factors
 from raflora.math import aggregate, aggregate_allocate, aggregation, allocate, lowrank, stacked
-
-
-def make_factors(ranks, m=40, n=30, seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.standard_normal((m, r)).astype(dtype), rng.standard_normal((r, n)).astype(dtype))
-        for r in ranks
-    ]
 
 
 def dense_update(method, factors, w):
