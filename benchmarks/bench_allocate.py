@@ -1,6 +1,6 @@
 """Server aggregation + SVD allocation at LLM scale, against the dense baseline (issue 6, item 1).
 
-    .venv/bin/python benchmarks/bench_allocate.py            # full run: about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_allocate.py            # full run: about 25 minutes on 2 cores
     .venv/bin/python benchmarks/bench_allocate.py --quick    # smoke run: seconds, nothing saved
 
 Ours, two paths: ``aggregate(method, factors, weights)`` then ``allocate(B, A, ranks)`` with every
@@ -440,10 +440,11 @@ def server_module_step_householder(method: str, factors, weights):
 
 def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     """What the Flower server itself runs per module and round (``aggregate_round``, adapter
-    mode): ``aggregate`` the clients' float32 factors, then ``compress``: the full thin SVD of
-    the rank-Σr update (Householder QR in float64, kept in float32), the state that payloads,
-    evaluation, export and checkpoints read. One LLaMA-7B layer (7 modules), K = 20, medians of
-    ``repeats`` calls after a warm-up; the whole adapter is 32 × that layer."""
+    mode): ``aggregate`` the clients' float32 factors, then ``compress``: the thin SVD of every
+    significant direction of the rank-Σr update (float64, kept in float32), the state that
+    payloads, evaluation, export and checkpoints read; beside it the previous Householder-QR
+    ``compress`` as the baseline. One LLaMA-7B layer (7 modules), K = 20, medians of ``repeats``
+    calls after a warm-up; the whole adapter is 32 × that layer."""
     torch.set_num_threads(threads)
     shrink = 32 if quick else 1
     out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raflora.math import aggregate
+from raflora.math import aggregate, significant_svd
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -32,7 +32,6 @@ from raflora.math.diagnostics import (
     stable_rank,
     top_energy,
 )
-from raflora.math.lowrank import significant_svd
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 

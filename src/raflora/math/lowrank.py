@@ -38,7 +38,7 @@ makes allocations reproducible across runs and array libraries.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -187,15 +187,32 @@ def _orthonormal(U: Tensor, Vt: Tensor, tol: float | None = None) -> bool:
     return drift <= tol
 
 
-def _one_sided(X: Tensor, Y: Tensor, L: Tensor, top: int) -> tuple[Tensor, ...] | None:
-    """Top triplets U (m, top), S, Vt (top, n) of X @ Y, X (m, R), Y (R, n), from XᵀX = L Lᵀ
-    (see :func:`_core_maps`). None if the result is not orthonormal enough."""
-    maps = _core_maps(L, _gram(Y.mT), top)
+def _one_sided(
+    X: Tensor, Y: Tensor, top: int, rtol: float | None = None, tol: float | None = None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Top triplets U (m, top), S, Vt (top, n) of X @ Y, X (m, R), Y (R, n), by Cholesky QR of
+    X, XᵀX = L Lᵀ (see :func:`_core_maps`; with ``rtol``, every triplet above rtol · σ_1). None
+    if XᵀX is too ill-conditioned or the result is not orthonormal to ``tol``."""
+    L = _gram_cholesky(X)
+    maps = None if L is None else _core_maps(L, _gram(Y.mT), top, rtol)
     if maps is None:
         return None
     M_X, M_Y, S = maps
     U, Vt = X @ M_X, M_Y.mT @ Y  # (m, top), (top, n)
-    return (U, S, Vt) if _orthonormal(U, Vt) else None
+    return (U, S, Vt) if _orthonormal(U, Vt, tol) else None
+
+
+def _either_side(
+    route: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None], B: Tensor, A: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``route(B, A)``, else ``route(Aᵀ, Bᵀ)`` transposed back ((B A)ᵀ = Aᵀ Bᵀ), else None."""
+    out = route(B, A)
+    if out is not None:
+        return out
+    mirrored = route(A.mT, B.mT)
+    if mirrored is None:
+        return None
+    return mirrored[2].mT.contiguous(), mirrored[1], mirrored[0].mT.contiguous()
 
 
 def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,13 +221,7 @@ def _top_svd(B: Tensor, A: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
     if _is_wide(B, A):  # _svd forms the product: no factored route is cheaper
         U, S, Vt = _svd(B, A, top)
         return U, S[:top], Vt
-    L = _gram_cholesky(B)
-    out = None if L is None else _one_sided(B, A, L, top)
-    if out is None:
-        L = _gram_cholesky(A.mT)
-        mirrored = None if L is None else _one_sided(A.mT, B.mT, L, top)  # of (B A)ᵀ
-        if mirrored is not None:
-            out = (mirrored[2].mT.contiguous(), mirrored[1], mirrored[0].mT.contiguous())
+    out = _either_side(lambda X, Y: _one_sided(X, Y, top), B, A)
     if out is None:
         U, S, Vt = _svd(B, A, top)
         out = (U, S[:top], Vt)
@@ -250,17 +261,6 @@ def factored_svd(B: Any, A: Any) -> tuple[Any, Any, Any]:
     return tuple(backend.out(x) for x in _svd(Bt, At))  # type: ignore[return-value]
 
 
-def _significant_cholesky(B: Tensor, A: Tensor, rtol: float, tol: float) -> tuple | None:
-    """The Cholesky route for every triplet with σ_i > rtol · σ_1 (see :func:`_core_maps`), or
-    None when it is not orthonormal to ``tol`` (or B's Gram is too ill-conditioned)."""
-    L = _gram_cholesky(B)
-    maps = None if L is None else _core_maps(L, _gram(A.mT), 0, rtol=rtol)
-    if maps is None:
-        return None
-    U, Vt = B @ maps[0], maps[1].mT @ A  # (m, k), (k, n)
-    return (U, maps[2], Vt) if _orthonormal(U, Vt, tol) else None
-
-
 def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> tuple[Any, Any, Any]:
     """Thin SVD of ``B @ A`` restricted to the directions with σ_i > rtol · σ_1, accurate to
     the dtype the caller will store it in.
@@ -294,10 +294,7 @@ def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> t
     # σ comes from σ² (an eigenvalue, error ≈ eps · σ_1²): resolvable only above ≈ √eps · σ_1.
     resolvable = rtol**2 > 64 * torch.finfo(Bt.dtype).eps
     if resolvable and not _is_wide(Bt, At):
-        out = _significant_cholesky(Bt, At, rtol, eps)
-        mirrored = None if out is not None else _significant_cholesky(At.mT, Bt.mT, rtol, eps)
-        if mirrored is not None:  # of (B A)ᵀ = Aᵀ Bᵀ
-            out = (mirrored[2].mT.contiguous(), mirrored[1], mirrored[0].mT.contiguous())
+        out = _either_side(lambda X, Y: _one_sided(X, Y, 0, rtol=rtol, tol=eps), Bt, At)
     if out is not None:
         out = _fix_signs(*out)
     else:
