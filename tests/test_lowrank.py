@@ -211,6 +211,41 @@ def test_significant_svd_float64_storage_demands_float64_orthonormality(monkeypa
     np.testing.assert_allclose(U.T @ U, np.eye(S.shape[0]), atol=1e-13)
 
 
+@pytest.mark.parametrize("tol", [1e-7, 1e-13])
+def test_orthonormal_estimate_against_the_exact_frobenius_drift(tol):
+    """A rank-one drift UᵀU = I + δ u uᵀ (the probes' worst case) is refused once δ reaches
+    tol, and accepted far below it; Vt's drift counts as U's does."""
+    rng = np.random.default_rng(21)
+    Q = torch.from_numpy(np.linalg.qr(rng.standard_normal((300, 40)))[0])  # (300, 40)
+    u = torch.from_numpy(rng.standard_normal(40))
+    u /= u.norm()
+    V = torch.from_numpy(np.linalg.qr(rng.standard_normal((90, 40)))[0]).mT.contiguous()
+    for delta, expected in [(tol, False), (3 * tol, False), (tol / 1e3, True)]:
+        # (I + c u uᵀ)² = I + δ u uᵀ for c = √(1 + δ) − 1
+        U = Q @ (torch.eye(40, dtype=Q.dtype) + (np.sqrt(1 + delta) - 1) * torch.outer(u, u))
+        drift = float(torch.linalg.matrix_norm(U.mT @ U - torch.eye(40, dtype=U.dtype)))
+        assert np.isclose(drift, delta, rtol=1e-2) or delta < tol  # below tol: rounding too
+        assert lowrank._orthonormal_estimate(U, V, tol) is expected
+        assert lowrank._orthonormal_estimate(Q, U.mT, tol) is expected
+    assert lowrank._orthonormal_estimate(Q, V, 1e-13)
+
+
+def test_fix_signs_makes_the_largest_entry_positive_and_breaks_ties_to_plus():
+    rng = np.random.default_rng(3)
+    U = torch.from_numpy(rng.standard_normal((50, 7)))
+    U[:, 0] = 0.0
+    U[[4, 9], 1] = torch.tensor([-5.0, 5.0], dtype=U.dtype)  # a tie: +x counts as the largest
+    Vt = torch.from_numpy(rng.standard_normal((7, 11)))
+    before = U @ Vt
+    U2, _, Vt2 = lowrank._fix_signs(U.clone(), torch.ones(7, dtype=U.dtype), Vt.clone())
+    torch.testing.assert_close(U2 @ Vt2, before)  # the product is unchanged
+    for j in range(2, 7):
+        col = U2[:, j].numpy()
+        assert col[np.abs(col).argmax()] > 0
+    assert torch.equal(U2[:, 0], U[:, 0]) and float(U2[9, 1]) == 5.0 and float(U2[4, 1]) == -5.0
+    assert lowrank._fix_signs(torch.zeros(0, 3), torch.ones(3), torch.ones(3, 2))[0].shape == (0, 3)
+
+
 def test_significant_svd_zero_product_and_bad_rtol():
     B, A = np.zeros((10, 3)), np.ones((3, 8))
     U, S, Vt = significant_svd(B, A, 1e-6)
