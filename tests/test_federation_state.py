@@ -192,6 +192,22 @@ def test_carry_over_keeps_uncovered_directions_exactly() -> None:
     assert 0 < diag["carried_energy_share"] < 1
 
 
+def test_one_svd_per_module_and_round_with_carry_over(monkeypatch) -> None:
+    """The carried tail joins the aggregate before the (only) compress of each module."""
+    from raflora.federation import global_state
+
+    calls = []
+    original = global_state.compress
+    monkeypatch.setattr(
+        global_state, "compress", lambda B, A: calls.append(B.shape[1]) or original(B, A)
+    )
+    previous = start_state(rank=10)
+    updates = [client(0, 2, 30, 1), client(1, 4, 10, 1)]
+    aggregate_round(previous, updates, settings("raflora", carry_over=True))
+    assert len(calls) == len(MODULES)
+    assert all(width > 2 + 4 for width in calls), "each SVD includes the carried directions"
+
+
 def test_without_carry_over_uncovered_directions_vanish() -> None:
     previous = start_state(rank=10)
     updates = [client(0, 2, 30, 1), client(1, 4, 10, 1)]

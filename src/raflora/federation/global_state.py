@@ -82,7 +82,10 @@ def empty_update(m: int, n: int) -> SVDUpdate:
 
 
 def stack(*parts: Factors) -> Factors:
-    """``Σ_i B_i A_i`` as one pair of factors ``[B_1 … B_p]``, ``[A_1; …; A_p]``."""
+    """``Σ_i B_i A_i`` as one pair of factors ``[B_1 … B_p]``, ``[A_1; …; A_p]`` (the pair
+    itself, not a copy, for one part)."""
+    if len(parts) == 1:
+        return parts[0]
     return np.concatenate([b for b, _ in parts], axis=1), np.concatenate(
         [a for _, a in parts], axis=0
     )
@@ -217,20 +220,20 @@ def aggregate_round(
     for name in modules:
         factors = [u.factors[name] for u in updates]
         agg = aggregate(settings.method, factors, weights, **settings.options)
-        round_update = compress(*agg)
         if settings.apply == "merge":
-            per_module[name] = module_diagnostics(round_update.S, settings.bounds)
+            per_module[name] = module_diagnostics(compress(*agg).S, settings.bounds)
             previous = state.merged.get(name)
             parts = [agg] if previous is None else [previous.factors(), agg]
             new_merged[name] = compress(*stack(*parts))
             continue
         previous = state.adapter.get(name)
-        carried = 0.0
+        parts, carried = [agg], 0.0
         if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
             tail = previous.tail(sampled_max, settings.max_rank)
             if tail[0].shape[1]:
                 carried = float(np.sum(previous.S[sampled_max : settings.max_rank] ** 2))
-                round_update = compress(*stack(agg, tail))
+                parts.append(tail)
+        round_update = compress(*stack(*parts))  # one SVD per module, carried tail included
         new_adapter[name] = round_update
         per_module[name] = module_diagnostics(round_update.S, settings.bounds)
         if previous is not None and previous.rank:
