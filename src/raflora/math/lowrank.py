@@ -38,7 +38,7 @@ makes allocations reproducible across runs and array libraries.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import pairwise
 from typing import Any
@@ -109,20 +109,6 @@ def _upper_tiles(R: int, blocks: int | None = None) -> list[tuple[slice, slice]]
     return [(a, b) for i, a in enumerate(cuts) for b in cuts[i:]]
 
 
-def _add_gram(G: Tensor, X: Tensor, tiles: list[tuple[slice, slice]]) -> None:
-    """G += XᵀX on the ``tiles`` (on and above the diagonal) only, X (h, R), G (R, R)."""
-    for a, b in tiles:
-        G[a, b].addmm_(X[:, a].mT, X[:, b])
-
-
-def _mirror(G: Tensor, tiles: list[tuple[slice, slice]]) -> Tensor:
-    """Copy the off-diagonal ``tiles`` of G below the diagonal: G symmetric (in place)."""
-    for a, b in tiles:
-        if a != b:
-            G[b, a] = G[a, b].mT
-    return G
-
-
 def _gram(X: Tensor, blocks: int | None = None) -> Tensor:
     """XᵀX (R, R) for X (m, R). Symmetric, so for R ≥ 256 only the blocks on and above the
     diagonal of a b×b tiling are multiplied, (b + 1)/(2b) of the flops (BLAS has syrk for this;
@@ -130,10 +116,23 @@ def _gram(X: Tensor, blocks: int | None = None) -> Tensor:
     R = X.shape[1]
     if R < 256 and blocks is None:
         return X.mT @ X
+    return _summed_gram([X], R, blocks)
+
+
+def _summed_gram(parts: Iterable[Tensor], R: int, blocks: int | None = None) -> Tensor:
+    """Σ XᵀX (R, R) over one or more row blocks X (h, R) of a matrix, multiplying only the tiles
+    on and above the diagonal (:func:`_upper_tiles`), then mirroring them below it."""
     tiles = _upper_tiles(R, blocks)
-    G = X.new_zeros(R, R)
-    _add_gram(G, X, tiles)
-    return _mirror(G, tiles)
+    G = None
+    for X in parts:
+        G = X.new_zeros(R, R) if G is None else G
+        for a, b in tiles:
+            G[a, b].addmm_(X[:, a].mT, X[:, b])
+    assert G is not None, "no blocks"
+    for a, b in tiles:
+        if a != b:
+            G[b, a] = G[a, b].mT
+    return G
 
 
 def _gram_cholesky(X: Tensor) -> Tensor | None:

@@ -21,7 +21,7 @@ route, and when R ≥ min(m, n) for its dense product, so results never depend o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -33,14 +33,12 @@ from raflora.math._arrays import Clients, validate_factors
 from raflora.math.aggregation import _stacked, method_options, run_method, stacked_columns
 from raflora.math.lowrank import (
     SPLITS,
-    _add_gram,
     _cholesky_of_gram,
     _core_maps,
     _fix_signs,
-    _mirror,
     _orthonormal,
+    _summed_gram,
     _top_svd,
-    _upper_tiles,
     rank_list,
     shares,
 )
@@ -86,11 +84,11 @@ class _Stack:
 
     def gram_b(self) -> Tensor:
         """BᵀB (R, R)."""
-        return _accumulate_gram((block for _, block in self.b_blocks()), self.R)
+        return _summed_gram((block for _, block in self.b_blocks()), self.R)
 
     def gram_a(self) -> Tensor:
         """A Aᵀ (R, R)."""
-        return _accumulate_gram((block.mT for _, block in self.a_blocks()), self.R)
+        return _summed_gram((block.mT for _, block in self.a_blocks()), self.R)
 
     def left(self, M: Tensor) -> Tensor:
         """B M (m, top) for M (R, top)."""
@@ -105,18 +103,6 @@ class _Stack:
         for cols, block in self.a_blocks():
             torch.mm(M.mT, block, out=out[:, cols])
         return out
-
-
-def _accumulate_gram(blocks: Iterable[Tensor], R: int) -> Tensor:
-    """Σ XᵀX (R, R) over blocks X (h, R), multiplying only the tiles on and above the diagonal
-    (as :func:`~raflora.math.lowrank._gram` does for one matrix), then mirroring them."""
-    tiles = _upper_tiles(R)
-    G = None
-    for X in blocks:
-        G = X.new_zeros(R, R) if G is None else G
-        _add_gram(G, X, tiles)
-    assert G is not None
-    return _mirror(G, tiles)
 
 
 def _top_svd_streamed(stack: _Stack, top: int) -> tuple[Tensor, Tensor, Tensor] | None:
