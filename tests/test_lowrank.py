@@ -8,6 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from helpers.factors import signed_svd
 from raflora.math import allocate, factored_norm, factored_svd, lowrank, spectrum, truncate
 from raflora.math.lowrank import significant_svd
 
@@ -19,10 +20,7 @@ def factors(m, n, R, seed=0):
 
 def dense_svd(B, A):
     """numpy SVD of the dense product, with the sign convention: max-|.| entry of U_i > 0."""
-    U, S, Vt = np.linalg.svd(B.astype(np.float64) @ A.astype(np.float64), full_matrices=False)
-    signs = np.sign(U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])])
-    signs[signs == 0] = 1
-    return U * signs, S, Vt * signs[:, None]
+    return signed_svd(B.astype(np.float64) @ A.astype(np.float64))
 
 
 def dense_factors(B, A, r, split):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers.factors import make_factors
+from helpers.factors import make_factors, signed_svd
 from raflora.math import aggregate, aggregate_allocate, aggregation, allocate, lowrank, stacked
 
 
@@ -31,10 +31,8 @@ def dense_update(method, factors, w):
 
 def dense_share(W, r):
     """Best rank-r factors (U_r S_r, V_rᵀ) of W, signs as raflora fixes them."""
-    U, S, Vt = np.linalg.svd(W, full_matrices=False)
-    signs = np.sign(U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])])
-    signs[signs == 0] = 1
-    return (U * signs)[:, :r] * S[:r], (Vt * signs[:, None])[:r]
+    U, S, Vt = signed_svd(W)
+    return U[:, :r] * S[:r], Vt[:r]
 
 
 def as_numpy(x):
