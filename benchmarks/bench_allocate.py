@@ -21,7 +21,9 @@ a server runs), calls after a tiny warm-up. Ours and the baseline alternate (our
 ...) and medians are reported.
 Also: the server's own per-round step (``aggregate`` + ``compress``, the thin SVD of every
 significant direction it keeps as the global state) for a LLaMA-7B-shaped adapter, against the
-previous Householder-QR ``compress``, so the cost of a real round is on record.
+previous Householder-QR ``compress``, so the cost of a real round is on record; and the step in
+merge mode (FLoRA), whose diagnostics need the round's singular values alone, against the full
+``compress`` it used to run for them.
 Relative difference: max over the clients' ranks r of ‖B_r A_r − D_r‖_F / ‖D_r‖_F, computed from
 the factors by QR (never forming m×n), against the dense baseline where it ran, else against
 ``factored_svd`` in float64 (Householder QR route), as the "vs" column says.
@@ -54,7 +56,7 @@ from _common import (
     run_worker,
     table,
 )
-from raflora.federation.global_state import compress
+from raflora.federation.global_state import compress, compressed_values, stack
 from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
 
 RANK_SET = (4, 8, 16, 32, 64)
@@ -467,6 +469,47 @@ def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     return out
 
 
+def merge_module_step(previous, factors, weights):
+    """One module of ``aggregate_round`` in merge mode (FLoRA) after the first round: the
+    round's singular values alone (``compressed_values``, for the diagnostics), then the
+    ``compress`` of D_t = D_{t-1} + ΔW_t, the merged update the server keeps."""
+    agg = aggregate("flora", factors, weights)
+    return compressed_values(*agg), compress(*stack(previous.factors(), agg))
+
+
+def merge_module_step_two_svds(previous, factors, weights):
+    """The same with the previous diagnostics: a full ``compress`` of ΔW_t for its S (baseline)."""
+    agg = aggregate("flora", factors, weights)
+    return compress(*agg).S, compress(*stack(previous.factors(), agg))
+
+
+def merge_step(threads: int, quick: bool, repeats: int) -> dict[str, Any]:
+    """The server's step in merge mode (FLoRA), second round (D_1 from other clients of the
+    same ranks, so D_1 + ΔW_2 has rank 2 Σr): one LLaMA-7B layer, K = 20, medians of
+    ``repeats`` calls after a warm-up; checks that both give the same values and update."""
+    torch.set_num_threads(threads)
+    shrink = 32 if quick else 1
+    out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}, "max_value_diff": 0.0}
+    steps = {"flora_merge": merge_module_step, "flora_merge_two_svds": merge_module_step_two_svds}
+    for name, (m, n) in LLAMA_7B.items():
+        first, w1, _ = clients(m // shrink, n // shrink, 20, "float32", seed=12)
+        factors, weights, _ = clients(m // shrink, n // shrink, 20, "float32", seed=11)
+        previous = compress(*aggregate("flora", first, w1))
+        args = (previous, factors, weights)
+        out["modules"][name] = {
+            label: median_seconds(step, args, repeats) for label, step in steps.items()
+        }
+        (new_S, new), (old_S, old) = merge_module_step(*args), merge_module_step_two_svds(*args)
+        assert new_S.shape == old_S.shape and np.array_equal(new.S, old.S)
+        diff = float(np.abs(new_S - old_S).max() / old_S[0])
+        out["max_value_diff"] = max(out["max_value_diff"], diff)
+    for label in steps:
+        out[f"{label}_adapter_seconds"] = 32 * sum(r[label] for r in out["modules"].values())
+    two_svds = out["flora_merge_two_svds_adapter_seconds"]
+    out["speedup"] = two_svds / out["flora_merge_adapter_seconds"]
+    return out
+
+
 def slope(xs, ts) -> float:
     """Exponent p of t ∝ x^p (least squares in log-log)."""
     return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
@@ -514,7 +557,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all; --quick: 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of ours per worker")
     parser.add_argument("--layers", type=int, default=32, help="LLaMA layers")
-    parser.add_argument("--sections", default="grid,robustness,llama,server,scaling")
+    parser.add_argument("--sections", default="grid,robustness,llama,server,merge,scaling")
     parser.add_argument(
         "--cells",
         choices=["all", "goal"],
@@ -659,6 +702,22 @@ def main() -> None:
         )  # fmt: skip
         summary["server_step_adapter_seconds"] = result["raflora_adapter_seconds"]
         summary["server_step_speedup"] = result["raflora_speedup"]
+    if "merge" in sections:
+        merge = merge_step(args.threads, args.quick, 1 if args.quick else 3)
+        details["server_merge_step"] = merge
+        labels = ["flora_merge", "flora_merge_two_svds"]
+        table(
+            "merge mode (FLoRA), second round: the round's singular values alone + compress of "
+            "D_1 + ΔW_2, vs a full compress of ΔW_2 for its singular values (the previous step); "
+            f"max difference in the values {merge['max_value_diff']:.1e} · σ_1",
+            ["module", "flora (values only)", "flora (two SVDs)"],
+            [[name, *[fmt_seconds(row[c]) for c in labels]]
+             for name, row in merge["modules"].items()]
+            + [["whole adapter", *[fmt_seconds(merge[f"{c}_adapter_seconds"]) for c in labels]]],
+        )  # fmt: skip
+        summary["server_merge_step_adapter_seconds"] = merge["flora_merge_adapter_seconds"]
+        summary["server_merge_step_speedup"] = merge["speedup"]
+        summary["server_merge_value_diff"] = merge["max_value_diff"]
     if "scaling" in sections:
         result = scaling(args.threads, args.quick)
         details["scaling"] = result

@@ -16,6 +16,7 @@ from raflora.federation.global_state import (
     SVDUpdate,
     aggregate_round,
     compress,
+    compressed_values,
     empty_update,
     weighted_dense_average,
 )
@@ -107,6 +108,16 @@ def test_compress_equals_dense_svd() -> None:
     np.testing.assert_allclose(update.U.T @ update.U, np.eye(5), atol=1e-5)
     np.testing.assert_allclose(update.Vt @ update.Vt.T, np.eye(5), atol=1e-5)
     assert update.norm == pytest.approx(np.linalg.norm(B @ A), rel=1e-5)
+
+
+def test_compressed_values_are_compress_singular_values() -> None:
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((M, 9)) * np.logspace(0, -8, 9)  # the last directions are dropped
+    A = rng.standard_normal((9, N))
+    S = compressed_values(B, A)
+    assert S.dtype == np.float32
+    np.testing.assert_allclose(S, compress(B, A).S, rtol=1e-6)
+    assert compressed_values(np.zeros((M, 4)), A[:4]).shape == (0,)
 
 
 def test_compress_drops_numerically_zero_directions() -> None:
@@ -261,6 +272,33 @@ def test_merge_mode_accumulates_merged_updates() -> None:
         assert state.total_update() is state.merged
         assert diag["global_rank"] == max(u.rank for u in state.merged.values()) > 0
     assert state.round == 2
+
+
+def test_merge_mode_decomposes_each_module_once_per_round(monkeypatch) -> None:
+    """Round 1: D_1 = ΔW_1, one compress serves state and diagnostics; later rounds: the
+    round's singular values alone (no vectors), then the compress of D_{t-1} + ΔW_t."""
+    from raflora.federation import global_state
+
+    calls: list[str] = []
+
+    def counted(name: str):
+        original = getattr(global_state, name)
+
+        def wrapper(B: np.ndarray, A: np.ndarray):
+            calls.append(name)
+            return original(B, A)
+
+        return wrapper
+
+    for name in ("compress", "compressed_values"):
+        monkeypatch.setattr(global_state, name, counted(name))
+    state = start_state()
+    for seed in (5, 6):
+        calls.clear()
+        updates = [client(0, 2, 30, seed), client(1, 4, 10, seed), client(2, 8, 60, seed)]
+        state, _ = aggregate_round(state, updates, settings("flora", apply="merge"))
+        assert calls.count("compress") == len(MODULES)
+        assert calls.count("compressed_values") == (0 if seed == 5 else len(MODULES))
 
 
 # --------------------------------------------------------------------------- dense heads

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers.factors import signed_svd
 from raflora.math import allocate, factored_norm, factored_svd, lowrank, spectrum, truncate
-from raflora.math.lowrank import significant_svd
+from raflora.math.lowrank import significant_svd, significant_values
 
 
 def factors(m, n, R, seed=0):
@@ -253,6 +253,62 @@ def test_significant_svd_zero_product_and_bad_rtol():
     for rtol in (-1.0, float("nan"), "0.1"):
         with pytest.raises(ValueError, match="rtol must be a finite number"):
             significant_svd(np.ones((4, 2)), np.ones((2, 4)), rtol)
+
+
+def count_svdvals(monkeypatch):
+    calls = []
+    svdvals = lowrank._svdvals
+    monkeypatch.setattr(lowrank, "_svdvals", lambda *a: calls.append(1) or svdvals(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-9, 1e-3, 0.5])
+def test_significant_values_match_dense_numpy_above_the_threshold(monkeypatch, rtol):
+    B, A = factors(90, 70, 12, seed=8)
+    calls = count_svdvals(monkeypatch)
+    S = significant_values(B, A, rtol)
+    assert bool(calls) == (rtol < 1e-7)  # the Gram route resolves σ down to ≈ √eps · σ_1
+    Sd = np.linalg.svd(B @ A, compute_uv=False)
+    k = int(np.sum(Sd[:12] > rtol * Sd[0]))  # B A has rank 12
+    assert S.shape == (k,)
+    np.testing.assert_allclose(S, Sd[:k], rtol=1e-12)
+    np.testing.assert_allclose(S, significant_svd(B, A, rtol)[1], rtol=1e-13)
+
+
+def test_significant_values_on_a_spread_spectrum():
+    """σ from 1 to 1e-9, threshold 3e-6: the six values above it, each σ² within a small
+    multiple of eps · σ_1² (so σ_i itself to a relative (σ_1 / σ_i)² · that)."""
+    S_true = np.logspace(0, -9, 10)
+    B, A = spread_factors(80, 60, S_true, seed=3)
+    S = significant_values(B, A, 3e-6)
+    assert S.shape == (6,)
+    np.testing.assert_allclose(S**2, S_true[:6] ** 2, rtol=0, atol=1e-12)
+
+
+def test_significant_values_use_the_mirrored_side_then_householder(monkeypatch):
+    B, A = factors(60, 50, 4, seed=12)
+    rng = np.random.default_rng(13)
+    calls = count_svdvals(monkeypatch)
+    B2, A2 = np.hstack([B, B]), np.vstack([A, rng.standard_normal((4, 50))])  # B's Gram singular
+    np.testing.assert_allclose(
+        significant_values(B2, A2, 1e-6), np.linalg.svd(B2 @ A2, compute_uv=False)[:4], rtol=1e-10
+    )
+    assert not calls, "Aᵀ's Gram is well conditioned: no QR needed"
+    B3, A3 = np.hstack([B, B]), np.vstack([A, A])  # both Gram matrices singular
+    np.testing.assert_allclose(
+        significant_values(B3, A3, 1e-8), np.linalg.svd(B3 @ A3, compute_uv=False)[:4], rtol=1e-10
+    )
+    assert calls
+
+
+def test_significant_values_zero_product_torch_and_bad_rtol():
+    assert significant_values(np.zeros((10, 3)), np.ones((3, 8)), 1e-6).shape == (0,)
+    S = significant_values(torch.ones(10, 3), torch.ones(3, 8), 0.1)
+    assert isinstance(S, torch.Tensor) and S.dtype == torch.float32
+    np.testing.assert_allclose(S.numpy(), [np.sqrt(10 * 8) * 3], rtol=1e-6)
+    for rtol in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="rtol must be a finite number"):
+            significant_values(np.ones((4, 2)), np.ones((2, 4)), rtol)
 
 
 @pytest.mark.parametrize(("m", "n", "R"), [(8, 9, 12), (30, 6, 6)])

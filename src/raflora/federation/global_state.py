@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raflora.math import aggregate, significant_svd
+from raflora.math import aggregate, significant_svd, significant_values
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -66,13 +66,24 @@ class SVDUpdate:
         return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
 
 
+def _significance(B: np.ndarray, A: np.ndarray) -> float:
+    """σ below ``max(m, n) · eps(float32) · σ_max`` is numerically zero (as
+    `numpy.linalg.matrix_rank`)."""
+    return max(B.shape[0], A.shape[1]) * float(np.finfo(np.float32).eps)
+
+
 def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdate:
-    """Thin SVD of ``B @ A`` without forming it, dropping directions with σ below
-    ``max(m, n) · eps(float32) · σ_max`` (numerically zero, as `numpy.linalg.matrix_rank`);
-    computed in float64, accurate to ``dtype`` (`significant_svd`)."""
-    rtol = max(B.shape[0], A.shape[1]) * float(np.finfo(np.float32).eps)
-    U, S, Vt = significant_svd(np.asarray(B, np.float64), np.asarray(A, np.float64), rtol, dtype)
+    """Thin SVD of ``B @ A`` without forming it, dropping the numerically zero directions
+    (:func:`_significance`); computed in float64, accurate to ``dtype`` (`significant_svd`)."""
+    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
+    U, S, Vt = significant_svd(B64, A64, _significance(B, A), dtype)
     return SVDUpdate(U.astype(dtype), S.astype(dtype), Vt.astype(dtype))
+
+
+def compressed_values(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``compress(B, A, dtype).S`` without the singular vectors (`significant_values`)."""
+    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
+    return significant_values(B64, A64, _significance(B, A)).astype(dtype)
 
 
 def empty_update(m: int, n: int) -> SVDUpdate:
@@ -221,10 +232,14 @@ def aggregate_round(
         factors = [u.factors[name] for u in updates]
         agg = aggregate(settings.method, factors, weights, **settings.options)
         if settings.apply == "merge":
-            per_module[name] = module_diagnostics(compress(*agg).S, settings.bounds)
             previous = state.merged.get(name)
-            parts = [agg] if previous is None else [previous.factors(), agg]
-            new_merged[name] = compress(*stack(*parts))
+            if previous is None:  # D_1 = ΔW_1: one decomposition serves both
+                new_merged[name] = compress(*agg)
+                values = new_merged[name].S
+            else:  # the round's own spectrum, then D_t = D_{t-1} + ΔW_t
+                values = compressed_values(*agg)
+                new_merged[name] = compress(*stack(previous.factors(), agg))
+            per_module[name] = module_diagnostics(values, settings.bounds)
             continue
         previous = state.adapter.get(name)
         parts, carried = [agg], 0.0

@@ -20,6 +20,7 @@ from raflora.math.lowrank import (
     factored_norm,
     factored_svd,
     significant_svd,
+    significant_values,
     spectrum,
     truncate,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "partition_weights",
     "register_method",
     "significant_svd",
+    "significant_values",
     "spectrum",
     "truncate",
 ]

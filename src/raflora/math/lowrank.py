@@ -26,6 +26,7 @@ with Aᵀ, then falls back to the QR route above.
 :func:`significant_svd` (the server's global state) takes the same route for every direction
 above a threshold at once, and keeps it when it is orthonormal to the precision the result
 will be stored in (float32; ‖UᵀU − I‖_F estimated with random probes), else Householder QR.
+:func:`significant_values` gives its singular values alone (no m×R products, no eigenvectors).
 
 When R ≥ min(m, n) (e.g. 50 clients' stacked updates of a 1024×1024 module) the factors hold at
 least as many numbers as B A and the factored routes cost more than a dense SVD, so every
@@ -298,6 +299,11 @@ def factored_svd(B: Any, A: Any) -> tuple[Any, Any, Any]:
     return tuple(backend.out(x) for x in _svd(Bt, At))  # type: ignore[return-value]
 
 
+def _check_rtol(rtol: Any) -> None:
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number ≥ 0, got {rtol!r}")
+
+
 def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> tuple[Any, Any, Any]:
     """Thin SVD of ``B @ A`` restricted to the directions with σ_i > rtol · σ_1, accurate to
     the dtype the caller will store it in.
@@ -320,8 +326,7 @@ def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> t
     and for rtol ≤ 8 √eps(dtype) (σ below that are lost in the eigenvalues σ²),
     :func:`factored_svd` and the threshold.
     """
-    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
-        raise ValueError(f"rtol must be a finite number ≥ 0, got {rtol!r}")
+    _check_rtol(rtol)
     Bt, At, backend = validate_pair(B, A)
     eps = (
         float(np.finfo(storage).eps)
@@ -341,6 +346,45 @@ def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> t
         keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
         out = (U[:, :keep], S[:keep], Vt[:keep])
     return tuple(backend.out(x) for x in out)  # type: ignore[return-value]
+
+
+def _gram_values(X: Tensor, Y: Tensor) -> Tensor | None:
+    """σ² of X Y (descending, length R) for X (m, R), Y (R, n): the eigenvalues of
+    Lᵀ (Y Yᵀ) L with XᵀX = L Lᵀ (:func:`_core_maps` without the vectors), or None when XᵀX is
+    too ill-conditioned for the Cholesky route."""
+    L = _gram_cholesky(X)
+    if L is None:
+        return None
+    return torch.linalg.eigvalsh(L.mT @ (_gram(Y.mT) @ L)).flip(0).clamp_(min=0)
+
+
+def significant_values(B: Any, A: Any, rtol: float) -> Any:
+    """The singular values σ_i > rtol · σ_1 of ``B @ A`` (descending), those of
+    :func:`significant_svd` without the vectors.
+
+    Args:
+        B: (m, R), A: (R, n), as for :func:`factored_svd`.
+        rtol: relative threshold on the singular values, ≥ 0.
+
+    Returns:
+        ``S`` (k,) in the input's library and dtype (k = 0 for a zero product).
+
+    From the Gram matrices (two R×R products, a Cholesky factor and the eigenvalues of one
+    R×R matrix: no m×R products, no eigenvectors), B's side or else Aᵀ's. Each σ_i² comes with
+    an absolute error of a modest multiple of eps(dtype) · σ_1² (growing with the conditioning
+    of the Cholesky factor), so σ_i to a relative (σ_1 / σ_i)² times that: for rtol ≤
+    8 √eps(dtype), for R ≥ min(m, n) and when neither Gram matrix admits a Cholesky factor it
+    is :func:`spectrum` (Householder QR) and the threshold instead.
+    """
+    _check_rtol(rtol)
+    Bt, At, backend = validate_pair(B, A)
+    squares = None
+    if rtol**2 > 64 * torch.finfo(Bt.dtype).eps and not _is_wide(Bt, At):
+        squares = _gram_values(Bt, At)
+        squares = _gram_values(At.mT, Bt.mT) if squares is None else squares
+    S = _svdvals(Bt, At) if squares is None else squares.sqrt()
+    keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
+    return backend.out(S[:keep])
 
 
 def spectrum(B: Any, A: Any) -> Any:
