@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -206,6 +207,34 @@ def test_good_replies_are_aggregated_like_aggregate_round() -> None:
     assert metrics["train-loss"] == pytest.approx((10 * 1 + 20 * 2 + 30 * 3) / 60)
     assert s.current.bytes_received == sum(r.content[msg.ARRAYS].count_bytes() for r in replies)
     assert s.state.round == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 0])
+def test_the_server_step_runs_on_its_configured_threads(monkeypatch, threads: int) -> None:
+    """MKL's last bits depend on the thread count: the server fixes it for aggregate_round
+    (0 = every usable core), whatever the clients in its process set, and restores it."""
+    import torch
+
+    from raflora.federation import strategy as strategy_module
+
+    seen = []
+    original = strategy_module.aggregate_round
+    monkeypatch.setattr(
+        strategy_module,
+        "aggregate_round",
+        lambda *args: seen.append(torch.get_num_threads()) or original(*args),
+    )
+    s = strategy(config(server_threads=threads))
+    list(s.configure_train(2, None, ConfigRecord(), None))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 if before != 3 else 4)  # as a client in the same process might
+    caller = torch.get_num_threads()
+    try:
+        s.aggregate_train(2, [good_reply(pid) for pid in range(3)])
+        assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads or len(os.sched_getaffinity(0))]
 
 
 def test_errors_and_missing_replies_are_failures() -> None:

@@ -190,6 +190,9 @@ class FederationSection(_Section):
     """bound on a client's ‖ΔW‖_F per module"""
     norm_policy: Literal["reject", "clip"] = "reject"
     """what to do with an update above the bound"""
+    server_threads: Annotated[int, Field(ge=0)] = 0
+    """torch threads for the server's aggregation and SVDs (0 = every core it may use); fixed so
+    a run's numbers do not depend on the process the server runs in"""
 
     @field_validator("method")
     @classmethod

@@ -35,6 +35,7 @@ from raflora.federation.global_state import (
     aggregate_round,
 )
 from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+from raflora.training import torch_threads
 
 log = logging.getLogger("raflora")
 
@@ -268,7 +269,8 @@ class HeteroRankStrategy(Strategy):
                 self.state.ranks,
             )
             return None, None
-        self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
+        with torch_threads(self.config.federation.server_threads):  # same bits in every process
+            self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
         self.current.diagnostics = diagnostics
         self.current.train_loss = weighted_mean(
             [(u.metrics.get(msg.TRAIN_LOSS, float("nan")), u.num_examples) for u in updates]

@@ -24,7 +24,7 @@ from raflora.training.factors import (
     set_dense_trainables,
     set_factors,
 )
-from raflora.training.local import configure_threads, evaluate, train_local
+from raflora.training.local import configure_threads, evaluate, torch_threads, train_local
 from raflora.training.models import (
     ALIASES,
     build_lora_model,
@@ -71,5 +71,6 @@ __all__ = [
     "set_factors",
     "shipped_names",
     "take",
+    "torch_threads",
     "train_local",
 ]

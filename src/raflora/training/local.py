@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,24 @@ def configure_threads(num_threads: int) -> None:
     once per process (e.g. per simulated client) before training."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block with ``num_threads`` torch threads (0: every CPU this process may use),
+    then restore the caller's setting. BLAS/LAPACK results can change in the last bits with the
+    thread count, so work that must give the same numbers in every process fixes it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads or _usable_cpus())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _device(model: nn.Module) -> torch.device:
