@@ -139,11 +139,16 @@ def spread_factors(m, n, S_true, seed):
     return Q_left * S_true @ mix, np.linalg.solve(mix, Q_right.T)
 
 
-def count_householder(monkeypatch):
-    calls = []
-    svd = lowrank._svd
-    monkeypatch.setattr(lowrank, "_svd", lambda *a: calls.append(1) or svd(*a))
+def count_calls(monkeypatch, name: str) -> list[int]:
+    """Record each call of ``lowrank.<name>`` (a route: ``_svd`` Householder QR, ``_svdvals``)."""
+    calls: list[int] = []
+    original = getattr(lowrank, name)
+    monkeypatch.setattr(lowrank, name, lambda *a: calls.append(1) or original(*a))
     return calls
+
+
+def count_householder(monkeypatch):
+    return count_calls(monkeypatch, "_svd")
 
 
 @pytest.mark.parametrize("rtol", [0.0, 1e-9, 1e-3, 0.5])
@@ -255,17 +260,10 @@ def test_significant_svd_zero_product_and_bad_rtol():
             significant_svd(np.ones((4, 2)), np.ones((2, 4)), rtol)
 
 
-def count_svdvals(monkeypatch):
-    calls = []
-    svdvals = lowrank._svdvals
-    monkeypatch.setattr(lowrank, "_svdvals", lambda *a: calls.append(1) or svdvals(*a))
-    return calls
-
-
 @pytest.mark.parametrize("rtol", [0.0, 1e-9, 1e-3, 0.5])
 def test_significant_values_match_dense_numpy_above_the_threshold(monkeypatch, rtol):
     B, A = factors(90, 70, 12, seed=8)
-    calls = count_svdvals(monkeypatch)
+    calls = count_calls(monkeypatch, "_svdvals")
     S = significant_values(B, A, rtol)
     assert bool(calls) == (rtol < 1e-7)  # the Gram route resolves σ down to ≈ √eps · σ_1
     Sd = np.linalg.svd(B @ A, compute_uv=False)
@@ -288,7 +286,7 @@ def test_significant_values_on_a_spread_spectrum():
 def test_significant_values_use_the_mirrored_side_then_householder(monkeypatch):
     B, A = factors(60, 50, 4, seed=12)
     rng = np.random.default_rng(13)
-    calls = count_svdvals(monkeypatch)
+    calls = count_calls(monkeypatch, "_svdvals")
     B2, A2 = np.hstack([B, B]), np.vstack([A, rng.standard_normal((4, 50))])  # B's Gram singular
     np.testing.assert_allclose(
         significant_values(B2, A2, 1e-6), np.linalg.svd(B2 @ A2, compute_uv=False)[:4], rtol=1e-10
