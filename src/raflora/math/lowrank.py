@@ -158,6 +158,11 @@ def _cholesky_of_gram(G: Tensor) -> Tensor | None:
     return L.mul_(d[:, None])  # XᵀX = D G̃ D = (D L̃)(D L̃)ᵀ
 
 
+def _core(L: Tensor, G_Y: Tensor) -> Tensor:
+    """Lᵀ G_Y L (R, R): (Lᵀ Y)(Lᵀ Y)ᵀ, whose eigenvalues are the σ² of X Y when XᵀX = L Lᵀ."""
+    return L.mT @ (G_Y @ L)
+
+
 def _core_maps(
     L: Tensor, G_Y: Tensor, top: int, rtol: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -166,7 +171,7 @@ def _core_maps(
     orthonormal, X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ G_Y L = U_c S² U_cᵀ (R×R eigh), so
     M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. With ``rtol``, top is instead the number of singular
     values above rtol · σ_1. None if a top singular value is 0."""
-    H = L.mT @ (G_Y @ L)  # (R, R)
+    H = _core(L, G_Y)
     lam, W = torch.linalg.eigh(H)  # ascending
     del H
     if rtol is not None:
@@ -304,6 +309,18 @@ def _check_rtol(rtol: Any) -> None:
         raise ValueError(f"rtol must be a finite number ≥ 0, got {rtol!r}")
 
 
+def _gram_route_resolves(B: Tensor, A: Tensor, rtol: float) -> bool:
+    """Whether the Gram/eigenvalue route can serve a threshold rtol on B A: σ comes from σ²
+    (an eigenvalue, error ≈ eps · σ_1²), resolvable only above ≈ 8 √eps · σ_1; and R < min(m, n)
+    (else the product is formed densely)."""
+    return rtol**2 > 64 * torch.finfo(B.dtype).eps and not _is_wide(B, A)
+
+
+def _count_above(S: Tensor, rtol: float) -> int:
+    """How many of the descending values S exceed rtol · S[0] (0 when S is empty or zero)."""
+    return int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
+
+
 def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> tuple[Any, Any, Any]:
     """Thin SVD of ``B @ A`` restricted to the directions with σ_i > rtol · σ_1, accurate to
     the dtype the caller will store it in.
@@ -334,16 +351,14 @@ def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> t
         else float(torch.finfo(storage).eps)
     )
     out = None
-    # σ comes from σ² (an eigenvalue, error ≈ eps · σ_1²): resolvable only above ≈ √eps · σ_1.
-    resolvable = rtol**2 > 64 * torch.finfo(Bt.dtype).eps
-    if resolvable and not _is_wide(Bt, At):
+    if _gram_route_resolves(Bt, At, rtol):
         check = partial(_orthonormal_estimate, tol=eps)
         out = _either_side(lambda X, Y: _one_sided(X, Y, 0, rtol, check), Bt, At)
     if out is not None:
         out = _fix_signs(*out)
     else:
         U, S, Vt = _svd(Bt, At)
-        keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
+        keep = _count_above(S, rtol)
         out = (U[:, :keep], S[:keep], Vt[:keep])
     return tuple(backend.out(x) for x in out)  # type: ignore[return-value]
 
@@ -355,7 +370,7 @@ def _gram_values(X: Tensor, Y: Tensor) -> Tensor | None:
     L = _gram_cholesky(X)
     if L is None:
         return None
-    return torch.linalg.eigvalsh(L.mT @ (_gram(Y.mT) @ L)).flip(0).clamp_(min=0)
+    return torch.linalg.eigvalsh(_core(L, _gram(Y.mT))).flip(0).clamp_(min=0)
 
 
 def significant_values(B: Any, A: Any, rtol: float) -> Any:
@@ -379,12 +394,11 @@ def significant_values(B: Any, A: Any, rtol: float) -> Any:
     _check_rtol(rtol)
     Bt, At, backend = validate_pair(B, A)
     squares = None
-    if rtol**2 > 64 * torch.finfo(Bt.dtype).eps and not _is_wide(Bt, At):
+    if _gram_route_resolves(Bt, At, rtol):
         squares = _gram_values(Bt, At)
         squares = _gram_values(At.mT, Bt.mT) if squares is None else squares
     S = _svdvals(Bt, At) if squares is None else squares.sqrt()
-    keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
-    return backend.out(S[:keep])
+    return backend.out(S[: _count_above(S, rtol)])
 
 
 def spectrum(B: Any, A: Any) -> Any:
