@@ -19,9 +19,12 @@ resident set during one call (inputs excluded, outputs included) in a worker who
 returns every freed buffer to the OS; times in another worker with glibc's default allocator (as
 a server runs), calls after a tiny warm-up. Ours and the baseline alternate (ours, dense, ours,
 ...) and medians are reported.
-Also: the server's own per-round step (``aggregate`` + ``compress``, the thin SVD of every
-significant direction it keeps as the global state) for a LLaMA-7B-shaped adapter, against the
-previous Householder-QR ``compress``, so the cost of a real round is on record; and the step in
+Also: the server's own per-round step in adapter mode (``aggregate`` + ``decompose``: the
+stacked factors kept as the global update with their first r_max singular triplets and every
+significant singular value, one R×R eigendecomposition) for a LLaMA-7B-shaped adapter, against
+the steps it replaced (``compress``, the thin SVD of every significant direction, by the
+Cholesky route and, before that, by Householder QR), so the cost of a real round is on record;
+and the step in
 merge mode (FLoRA), whose diagnostics need the round's singular values alone, against the full
 ``compress`` it used to run for them.
 Relative difference: max over the clients' ranks r of ‖B_r A_r − D_r‖_F / ‖D_r‖_F, computed from
@@ -56,7 +59,7 @@ from _common import (
     run_worker,
     table,
 )
-from raflora.federation.global_state import compress, compressed_values, stack
+from raflora.federation.global_state import compress, compressed_values, decompose, stack
 from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
 
 RANK_SET = (4, 8, 16, 32, 64)
@@ -426,9 +429,27 @@ def median_seconds(fn, args: tuple, repeats: int) -> float:
 
 
 def server_module_step(method: str, factors, weights):
-    """One module of ``aggregate_round`` in adapter mode: aggregate, then ``compress`` (the
-    thin SVD of every significant direction, by ``significant_svd``)."""
+    """One module of ``aggregate_round`` in adapter mode: aggregate, then ``decompose`` (the
+    stacked factors with their first r_max = 64 triplets and every significant value)."""
+    return decompose(*aggregate(method, factors, weights), top=max(RANK_SET))
+
+
+def server_module_step_compress(method: str, factors, weights):
+    """The server's previous step: aggregate, then ``compress`` (the thin SVD of every
+    significant direction, by ``significant_svd``'s Cholesky route)."""
     return compress(*aggregate(method, factors, weights))
+
+
+def server_step_diff(method: str, factors, weights) -> float:
+    """How far the current step's state is from the previous one's: the larger of the max
+    relative difference of the significant values and of the rank-r_max products (dense)."""
+    new = server_module_step(method, factors, weights)
+    old = server_module_step_compress(method, factors, weights)
+    values = np.abs(new.S.astype(np.float64) - old.S).max() / old.S[0]
+    top = max(RANK_SET)
+    products = [np.asarray(x, np.float64) for x in (*new.factors(top), *old.factors(top))]
+    ref = products[2] @ products[3]
+    return float(max(values, np.abs(products[0] @ products[1] - ref).max() / np.abs(ref).max()))
 
 
 def server_module_step_householder(method: str, factors, weights):
@@ -442,31 +463,43 @@ def server_module_step_householder(method: str, factors, weights):
 
 def server_step(threads: int, quick: bool, repeats: int = 3) -> dict[str, Any]:
     """What the Flower server itself runs per module and round (``aggregate_round``, adapter
-    mode): ``aggregate`` the clients' float32 factors, then ``compress``: the thin SVD of every
-    significant direction of the rank-Σr update (float64, kept in float32), the state that
-    payloads, evaluation, export and checkpoints read; beside it the previous Householder-QR
-    ``compress`` as the baseline. One LLaMA-7B layer (7 modules), K = 20, medians of ``repeats``
-    calls after a warm-up; the whole adapter is 32 × that layer."""
+    mode): ``aggregate`` the clients' float32 factors, then ``decompose`` (float64, kept in
+    float32): the stacked factors (evaluation, export), their first 64 triplets (payloads, the
+    carried tail) and every significant singular value (diagnostics); beside it the steps it
+    replaced, ``compress`` (thin SVD of every significant direction, Cholesky route) and the
+    Householder-QR ``compress`` before it. One LLaMA-7B layer (7 modules), K = 20, medians of
+    ``repeats`` calls after a warm-up; the whole adapter is 32 × that layer."""
     torch.set_num_threads(threads)
     shrink = 32 if quick else 1
-    out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}}
+    out: dict[str, Any] = {"K": 20, "layers": 32, "modules": {}, "max_diff": 0.0}
     for name, (m, n) in LLAMA_7B.items():
         factors, weights, _ = clients(m // shrink, n // shrink, 20, "float32", seed=11)
         out["modules"][name] = {
             f"{method}{suffix}": median_seconds(step, (method, factors, weights), repeats)
             for method in METHODS
-            for suffix, step in (("", server_module_step),
-                                 ("_householder", server_module_step_householder))
-        }  # fmt: skip
+            for suffix, step in SERVER_STEPS
+        }
+        for method in METHODS:
+            diff = server_step_diff(method, factors, weights)
+            out["max_diff"] = max(out["max_diff"], diff)
     for method in METHODS:
-        for suffix in ("", "_householder"):
+        for suffix, _ in SERVER_STEPS:
             out[f"{method}{suffix}_adapter_seconds"] = 32 * sum(
                 r[method + suffix] for r in out["modules"].values()
             )
-        out[f"{method}_speedup"] = (
-            out[f"{method}_householder_adapter_seconds"] / out[f"{method}_adapter_seconds"]
+        current = out[f"{method}_adapter_seconds"]
+        out[f"{method}_speedup"] = out[f"{method}_compress_adapter_seconds"] / current
+        out[f"{method}_speedup_householder"] = (
+            out[f"{method}_householder_adapter_seconds"] / current
         )
     return out
+
+
+SERVER_STEPS = (
+    ("", server_module_step),
+    ("_compress", server_module_step_compress),
+    ("_householder", server_module_step_householder),
+)
 
 
 def merge_module_step(previous, factors, weights):
@@ -689,12 +722,15 @@ def main() -> None:
     if "server" in sections:
         result = server_step(args.threads, args.quick, 1 if args.quick else 3)
         details["server_step"] = result
-        columns = [f"{m}{s}" for m in METHODS for s in ("", "_householder")]
+        columns = [f"{m}{s}" for m in METHODS for s, _ in SERVER_STEPS]
         table(
-            "the server's own step per round: aggregate + compress (thin SVD of every significant "
-            "direction, float64) vs the previous Householder-QR compress, K = 20 (whole adapter "
-            "= 32 × one layer)",
-            ["module", *[c.replace("_householder", " (Householder)") for c in columns]],
+            "the server's own step per round: aggregate + decompose (stacked factors, top 64 "
+            "triplets, all significant values; float64) vs the previous compress (thin SVD of "
+            "every significant direction) and the Householder-QR compress before it, K = 20 "
+            f"(whole adapter = 32 × one layer); max relative difference {result['max_diff']:.1e}",
+            ["module", *[c.replace("_householder", " (Householder)").replace("_compress",
+                                                                            " (compress)")
+                         for c in columns]],
             [[name, *[fmt_seconds(row[c]) for c in columns]]
              for name, row in result["modules"].items()]
             + [["whole adapter",
@@ -702,6 +738,8 @@ def main() -> None:
         )  # fmt: skip
         summary["server_step_adapter_seconds"] = result["raflora_adapter_seconds"]
         summary["server_step_speedup"] = result["raflora_speedup"]
+        summary["server_step_speedup_householder"] = result["raflora_speedup_householder"]
+        summary["server_step_max_diff"] = result["max_diff"]
     if "merge" in sections:
         merge = merge_step(args.threads, args.quick, 1 if args.quick else 3)
         details["server_merge_step"] = merge

@@ -50,6 +50,7 @@ def test_bench_allocate_quick(tmp_path, capsys, monkeypatch) -> None:
         "llama7b_seconds_one_pass",
         "server_step_adapter_seconds",
         "server_step_speedup",
+        "server_step_speedup_householder",
         "server_merge_step_adapter_seconds",
         "server_merge_step_speedup",
         "slope_vs_K",
@@ -61,6 +62,7 @@ def test_bench_allocate_quick(tmp_path, capsys, monkeypatch) -> None:
     assert summary["rel_diff_4096_K20_float64"] <= 1e-5
     assert summary["rel_diff_4096_K20_float32"] <= 1e-4
     assert summary["server_merge_value_diff"] <= 1e-6  # float32 values, either route
+    assert summary["server_step_max_diff"] <= 1e-4  # decompose vs compress, stored in float32
 
 
 def test_bench_client_quick(tmp_path, capsys, monkeypatch, tiny_bert_dir) -> None:

@@ -17,15 +17,19 @@ from raflora.federation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from raflora.federation.global_state import GlobalState, compress
+from raflora.federation.global_state import GlobalState, StackedUpdate, compress, decompose
 
 EXTRA = {"history": [{"round": 1, "server_accuracy": 0.5}], "config": {"run": {"seed": 3}}}
 
 
-def state(round_number: int = 2, merged: bool = False) -> GlobalState:
+def state(round_number: int = 2, merged: bool = False, svd: bool = False) -> GlobalState:
+    """A state as the server keeps it: adapter updates as stacked factors + leading triplets,
+    merged ones as thin SVDs (``svd``: the adapter as a thin SVD too, as format 1 held it)."""
     rng = np.random.default_rng(round_number)
     updates = {
-        name: compress(rng.standard_normal((8, 5)), rng.standard_normal((5, 6)))
+        name: (compress if merged or svd else lambda B, A: decompose(B, A, top=3))(
+            rng.standard_normal((8, 5)), rng.standard_normal((5, 6))
+        )
         for name in ("bert.encoder.layer.0.attention.self.query", "layer.1.value")
     }
     dense = {"classifier.weight": rng.standard_normal((2, 8)).astype(np.float32)}
@@ -39,7 +43,9 @@ def assert_identical(a: GlobalState, b: GlobalState) -> None:
         x, y = getattr(a, kind), getattr(b, kind)
         assert x.keys() == y.keys()
         for name in x:
-            for part in ("U", "S", "Vt"):
+            assert type(x[name]) is type(y[name])
+            parts = ("B", "A", "U", "S", "Vt") if isinstance(x[name], StackedUpdate) else ("U",)
+            for part in (*parts, "S", "Vt"):
                 p, q = getattr(x[name], part), getattr(y[name], part)
                 assert p.dtype == q.dtype and p.shape == q.shape
                 assert p.tobytes() == q.tobytes()
@@ -55,6 +61,17 @@ def test_save_load_round_trip_is_bit_identical(tmp_path: Path, merged: bool) -> 
     loaded, meta = load_checkpoint(path)
     assert_identical(original, loaded)
     assert meta["history"] == EXTRA["history"] and meta["config"] == EXTRA["config"]
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    """Format 1 (before the adapter kept its stacked factors) held thin SVDs only."""
+    original = state(svd=True)
+    path = save_checkpoint(tmp_path, original, EXTRA)
+    assert json.loads((path / ckpt.META).read_text())["format"] == 2
+    rewrite_meta(path, lambda m: m.update(format=1), rehash=True)
+    loaded, meta = load_checkpoint(path)
+    assert meta["format"] == 1
+    assert_identical(original, loaded)
 
 
 def test_latest_checkpoint_is_the_highest_complete_round(tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ from raflora.federation.global_state import (
     ClientUpdate,
     GlobalState,
     RoundSettings,
-    SVDUpdate,
+    StackedUpdate,
+    Update,
     aggregate_round,
     compress,
     compressed_values,
+    decompose,
     empty_update,
     weighted_dense_average,
 )
@@ -25,8 +27,10 @@ M, N = 24, 18  # larger than Σ r_k = 14, so no direction is lost to the shape
 MODULES = ("layer.0.query", "layer.0.value")
 
 
-def dense(update: SVDUpdate) -> np.ndarray:
-    return update.U.astype(np.float64) * update.S.astype(np.float64) @ update.Vt.astype(np.float64)
+def dense(update: Update) -> np.ndarray:
+    """The whole update ΔW (m, n) in float64, from the factors evaluation uses."""
+    B, A = update.whole()
+    return B.astype(np.float64) @ A.astype(np.float64)
 
 
 def client(pid: int, rank: int, num_examples: int, seed: int, scale: float = 1.0) -> ClientUpdate:
@@ -42,15 +46,18 @@ def client(pid: int, rank: int, num_examples: int, seed: int, scale: float = 1.0
     return ClientUpdate(pid, rank, num_examples, factors, dense=head)
 
 
-def start_state(rank: int = 0, seed: int = 99) -> GlobalState:
-    """Round-0 state, or a state whose adapter has rank `rank` with distinct singular values."""
+def start_state(rank: int = 0, seed: int = 99, form: str = "stacked") -> GlobalState:
+    """Round-0 state, or a state whose adapter has rank `rank` with distinct singular values,
+    as the server keeps it (``"stacked"``, leading 8 triplets) or as a thin SVD (``"svd"``,
+    what checkpoints of format 1 hold)."""
     if rank == 0:
         return GlobalState(0, {}, {}, {}, {})
     rng = np.random.default_rng(seed)
-    adapter = {}
+    adapter: dict[str, Update] = {}
     for name in MODULES:
         B = rng.standard_normal((M, rank)) * np.linspace(3.0, 0.5, rank)
-        adapter[name] = compress(B, rng.standard_normal((rank, N)))
+        A = rng.standard_normal((rank, N))
+        adapter[name] = decompose(B, A, top=8) if form == "stacked" else compress(B, A)
     return GlobalState(1, adapter, {}, {}, {})
 
 
@@ -147,6 +154,52 @@ def test_allocation_is_the_best_rank_r_truncation(split: str) -> None:
         np.testing.assert_allclose(A @ A.T, np.eye(4), atol=1e-5)
 
 
+# --------------------------------------------------------------------------- decompose
+
+
+def test_decompose_keeps_the_factors_the_leading_triplets_and_the_spectrum(monkeypatch) -> None:
+    from raflora.federation import global_state
+
+    rng = np.random.default_rng(3)
+    B = rng.standard_normal((M, 9)) * np.logspace(0, -8, 9)  # the last directions are dropped
+    A = rng.standard_normal((9, N))
+    update = decompose(B, A, top=3)
+    assert isinstance(update, StackedUpdate) and update.leading == 3
+    assert all(x.dtype == np.float32 for x in (update.B, update.A, update.U, update.S, update.Vt))
+    np.testing.assert_array_equal(update.B, B.astype(np.float32))  # the product itself, whole
+    np.testing.assert_array_equal(update.A, A.astype(np.float32))
+    U, S, Vt = np.linalg.svd(B @ A, full_matrices=False)
+    assert update.rank == compress(B, A).rank == int(np.sum(M * 1.2e-7 * S[0] < S))
+    np.testing.assert_allclose(update.S, S[: update.rank], rtol=1e-5, atol=1e-7 * S[0])
+    assert update.norm == pytest.approx(np.linalg.norm(B @ A), rel=1e-5)
+    np.testing.assert_allclose(update.U.T @ update.U, np.eye(3), atol=1e-5)
+    monkeypatch.setattr(global_state, "compress", lambda *a: pytest.fail("no new SVD needed"))
+    for r in (1, 3):
+        Br, Ar = update.factors(r)
+        close(Br.astype(np.float64) @ Ar, U[:, :r] * S[:r] @ Vt[:r])
+    tail_B, tail_A = update.tail(1, 3)
+    close(tail_B.astype(np.float64) @ tail_A, U[:, 1:3] * S[1:3] @ Vt[1:3])
+    with pytest.raises(ValueError, match="only 3 singular triplets"):
+        update.tail(2, 5)
+    monkeypatch.undo()
+    Br, Ar = update.factors(5)  # beyond the stored triplets: one more decomposition
+    close(Br.astype(np.float64) @ Ar, U[:, :5] * S[:5] @ Vt[:5], rtol=1e-4)
+
+
+def test_decompose_of_a_rank_deficient_or_zero_product() -> None:
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((M, 3))
+    B = np.concatenate([B, B[:, :2]], axis=1)  # rank 3 written with 5 columns
+    A = rng.standard_normal((5, N))
+    update = decompose(B, A, top=8)
+    assert update.rank == update.leading == 3 and update.whole()[0].shape == (M, 5)
+    close(dense(update), B @ A)
+    B3, A3 = update.factors(8)
+    close(B3.astype(np.float64) @ A3, B @ A)
+    zero = decompose(np.zeros((M, 4)), A[:4], top=8)
+    assert zero.rank == zero.leading == 0 and zero.norm == 0.0
+
+
 # --------------------------------------------------------------------------- adapter mode
 
 
@@ -157,8 +210,13 @@ def test_adapter_round_matches_dense_reference(method: str) -> None:
     assert state.round == 1 and state.merged == {}
     assert state.ranks == {0: 2, 1: 4, 2: 8}
     for name in MODULES:
-        close(dense(state.adapter[name]), REFERENCES[method](updates, name))
+        reference = REFERENCES[method](updates, name)
+        close(dense(state.adapter[name]), reference)
         assert state.adapter[name].rank == 14  # Σ r_k: nothing lost before allocation
+        U, S, Vt = np.linalg.svd(reference, full_matrices=False)
+        for rank in (2, 4, 8):  # each client starts from the best rank-r_k truncation
+            B, A = state.client_payload(rank, "us")[name]
+            close(B.astype(np.float64) @ A, U[:, :rank] * S[:rank] @ Vt[:rank])
     assert diag["carried_energy_share"] == 0.0
     assert diag["global_rank"] == 14
 
@@ -185,9 +243,13 @@ def test_reply_order_does_not_change_the_result() -> None:
 # --------------------------------------------------------------------------- carry-over
 
 
-def test_carry_over_keeps_uncovered_directions_exactly() -> None:
-    """Sampled ranks {2, 4} < r_cap = 8: directions (4, 8] of the previous update stay."""
-    previous = start_state(rank=10)
+@pytest.mark.parametrize("form", ["stacked", "svd"])
+def test_carry_over_keeps_uncovered_directions_exactly(form: str) -> None:
+    """Sampled ranks {2, 4} < r_cap = 8: directions (4, 8] of the previous update stay (from
+    the server's own state, or from a thin SVD loaded from an earlier checkpoint)."""
+    previous = start_state(rank=10, form=form)
+    ref = np.linalg.svd(dense(previous.adapter[MODULES[0]]), compute_uv=False)
+    np.testing.assert_allclose(previous.adapter[MODULES[0]].S, ref[:10], rtol=1e-5)
     updates = [client(0, 2, 30, 1), client(1, 4, 10, 1)]
     state, diag = aggregate_round(previous, updates, settings("raflora", carry_over=True))
     for name in MODULES:
@@ -204,19 +266,24 @@ def test_carry_over_keeps_uncovered_directions_exactly() -> None:
 
 
 def test_one_svd_per_module_and_round_with_carry_over(monkeypatch) -> None:
-    """The carried tail joins the aggregate before the (only) compress of each module."""
+    """The carried tail joins the aggregate before the (only) decomposition of each module,
+    which keeps the federation's largest rank of triplets; no full thin SVD is taken."""
     from raflora.federation import global_state
 
     calls = []
-    original = global_state.compress
+    original = global_state.decompose
     monkeypatch.setattr(
-        global_state, "compress", lambda B, A: calls.append(B.shape[1]) or original(B, A)
+        global_state,
+        "decompose",
+        lambda B, A, top: calls.append((B.shape[1], top)) or original(B, A, top),
     )
+    monkeypatch.setattr(global_state, "compress", lambda *a: pytest.fail("a full thin SVD"))
     previous = start_state(rank=10)
     updates = [client(0, 2, 30, 1), client(1, 4, 10, 1)]
-    aggregate_round(previous, updates, settings("raflora", carry_over=True))
+    state, _ = aggregate_round(previous, updates, settings("raflora", carry_over=True))
     assert len(calls) == len(MODULES)
-    assert all(width > 2 + 4 for width in calls), "each SVD includes the carried directions"
+    assert all(width > 2 + 4 and top == 8 for width, top in calls), "carried directions included"
+    assert all(state.adapter[name].leading == 8 for name in MODULES)
 
 
 def test_without_carry_over_uncovered_directions_vanish() -> None:

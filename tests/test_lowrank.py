@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers.factors import signed_svd
 from raflora.math import allocate, factored_norm, factored_svd, lowrank, spectrum, truncate
-from raflora.math.lowrank import significant_svd, significant_values
+from raflora.math.lowrank import leading_svd, significant_svd, significant_values
 
 
 def factors(m, n, R, seed=0):
@@ -297,6 +297,49 @@ def test_significant_values_use_the_mirrored_side_then_householder(monkeypatch):
         significant_values(B3, A3, 1e-8), np.linalg.svd(B3 @ A3, compute_uv=False)[:4], rtol=1e-10
     )
     assert calls
+
+
+@pytest.mark.parametrize(("top", "rtol"), [(4, 1e-3), (12, 1e-9), (20, 0.5), (5, 0.0)])
+def test_leading_svd_matches_dense_numpy(monkeypatch, top, rtol):
+    """The values above the threshold and the first min(top, k) triplets, one R×R
+    eigendecomposition (Householder QR only where the Gram route cannot resolve rtol)."""
+    B, A = factors(90, 70, 12, seed=8)
+    calls = count_householder(monkeypatch)
+    U, S, Vt = leading_svd(B, A, top, rtol)
+    assert bool(calls) == (rtol < 1e-7)
+    Ud, Sd, Vtd = dense_svd(B, A)
+    k = int(np.sum(Sd[:12] > rtol * Sd[0]))  # B A has rank 12
+    t = min(top, k)
+    assert S.shape == (k,) and U.shape == (90, t) and Vt.shape == (t, 70)
+    np.testing.assert_allclose(S, Sd[:k], rtol=1e-12)
+    np.testing.assert_allclose(U, Ud[:, :t], atol=1e-10)  # dense_svd fixes the same signs
+    np.testing.assert_allclose(Vt, Vtd[:t], atol=1e-10)
+
+
+def test_leading_svd_mirrored_side_householder_and_edge_cases(monkeypatch):
+    B, A = factors(60, 50, 4, seed=12)
+    rng = np.random.default_rng(13)
+    B2, A2 = np.hstack([B, B]), np.vstack([A, rng.standard_normal((4, 50))])  # B's Gram singular
+    calls = count_householder(monkeypatch)
+    U, S, Vt = leading_svd(B2, A2, 3, 1e-6)
+    assert not calls, "Aᵀ's Gram is well conditioned: no Householder QR needed"
+    Ud, Sd, Vtd = dense_svd(B2, A2)
+    assert S.shape == (4,) and U.shape == (60, 3)
+    np.testing.assert_allclose(S, Sd[:4], rtol=1e-10)
+    np.testing.assert_allclose((U * S[:3]) @ Vt, (Ud[:, :3] * Sd[:3]) @ Vtd[:3], atol=1e-10)
+    B3, A3 = np.hstack([B, B]), np.vstack([A, A])  # both Grams singular
+    U, S, Vt = leading_svd(B3, A3, 8, 1e-8)
+    assert calls and S.shape == (4,) and U.shape == (60, 4)
+    np.testing.assert_allclose((U * S) @ Vt, B3 @ A3, atol=1e-10)
+    U, S, Vt = leading_svd(np.zeros((10, 3)), np.ones((3, 8)), 2, 1e-6)
+    assert U.shape == (10, 0) and S.shape == (0,) and Vt.shape == (0, 8)
+    Ut, St, _ = leading_svd(torch.ones(10, 3), torch.ones(3, 8), 2, 0.1)
+    assert isinstance(Ut, torch.Tensor) and St.shape == (1,) and Ut.shape == (10, 1)
+    for top in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="top must be an integer"):
+            leading_svd(B, A, top, 0.1)
+    with pytest.raises(ValueError, match="rtol must be a finite number"):
+        leading_svd(B, A, 2, -1.0)
 
 
 def test_significant_values_zero_product_torch_and_bad_rtol():

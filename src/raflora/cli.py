@@ -190,11 +190,12 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="a run folder (with checkpoints/)")],
     out: Annotated[Path, typer.Option(help="folder for the PEFT adapter")],
     rank: Annotated[
-        int | None, typer.Option(help="adapter rank (default: the update's full rank)")
+        int | None,
+        typer.Option(help="truncate to the best rank-R approximation (default: the whole update)"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Write the global update as a PEFT adapter (best rank-R approximation)."""
+    """Write the global update as a PEFT adapter (whole, or its best rank-R approximation)."""
     _setup(verbose)
     from raflora.federation.checkpoint import CheckpointError
     from raflora.federation.export import export_run

@@ -1,7 +1,9 @@
 """Checkpoints of the server state: safetensors for arrays, JSON for the rest, no pickle.
 
 Layout of ``<run>/checkpoints/round_XXX/``: ``state.safetensors`` (keys
-``adapter/<module>/{U,S,Vt}``, ``merged/<module>/{U,S,Vt}``, ``dense/<name>``) and
+``adapter/<module>/{B,A,U,S,Vt}`` (a `StackedUpdate`; format 1, written before version 2,
+held ``{U,S,Vt}``, an `SVDUpdate`, which still loads), ``merged/<module>/{U,S,Vt}``,
+``dense/<name>``) and
 ``state.json`` (round, client ranks, metric history, resolved config, the SHA-256 of the
 arrays file and of its own content). A checkpoint is written into a temporary folder and
 renamed into place, so a crash leaves either the whole checkpoint or none (a failed write
@@ -22,9 +24,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from raflora.federation.global_state import GlobalState, SVDUpdate
+from raflora.federation.global_state import GlobalState, StackedUpdate, SVDUpdate, Update
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: adapter updates stored as a thin SVD (U, S, Vt) only
 ARRAYS = "state.safetensors"
 META = "state.json"
 
@@ -45,11 +48,15 @@ def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for kind, updates in (("adapter", state.adapter), ("merged", state.merged)):
         for name, update in updates.items():
-            for part in ("U", "S", "Vt"):
+            for part in _parts(update):
                 arrays[f"{kind}/{name}/{part}"] = np.ascontiguousarray(getattr(update, part))
     for name, value in state.dense.items():
         arrays[f"dense/{name}"] = np.ascontiguousarray(value)
     return arrays
+
+
+def _parts(update: Update) -> tuple[str, ...]:
+    return ("B", "A", "U", "S", "Vt") if isinstance(update, StackedUpdate) else ("U", "S", "Vt")
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -59,14 +66,16 @@ def _meta_digest(meta: dict[str, Any]) -> str:
 
 
 def _unflatten(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> GlobalState:
-    groups: dict[str, dict[str, SVDUpdate]] = {"adapter": {}, "merged": {}}
+    groups: dict[str, dict[str, Update]] = {"adapter": {}, "merged": {}}
     for kind in groups:
         for name in meta[kind]:
+            stacked = f"{kind}/{name}/B" in arrays  # a StackedUpdate (format ≥ 2)
+            keys = ("B", "A", "U", "S", "Vt") if stacked else ("U", "S", "Vt")
             try:
-                parts = [arrays[f"{kind}/{name}/{p}"] for p in ("U", "S", "Vt")]
+                parts = [arrays[f"{kind}/{name}/{p}"] for p in keys]
             except KeyError as missing:
                 raise CheckpointError(f"checkpoint lacks array {missing}") from None
-            groups[kind][name] = SVDUpdate(*parts)
+            groups[kind][name] = StackedUpdate(*parts) if stacked else SVDUpdate(*parts)
     dense = {name: arrays[f"dense/{name}"] for name in meta["dense"]}
     expected = len(_flatten(GlobalState(0, groups["adapter"], groups["merged"], dense, {})))
     if expected != len(arrays):
@@ -134,9 +143,9 @@ def load_checkpoint(path: Path) -> tuple[GlobalState, dict[str, Any]]:
         raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not a raflora checkpoint (expected a JSON object)")
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}"
+            f"{meta_path}: format {meta.get('format')!r}, expected one of {READABLE_FORMATS}"
         )
     if meta.get("meta_sha256") != _meta_digest(meta):
         raise CheckpointError(f"{meta_path}: SHA-256 does not match its content (modified)")

@@ -1,8 +1,10 @@
 """Server-side evaluation of the global model on the held-out test set.
 
-The global model is the base plus the full global update ``ΔW = U S Vᵀ`` per module (rank
-``R ≤ Σ r_k``), loaded as a LoRA of rank ``max_modules R`` (modules of lower rank are padded
-with zero-product directions, so the adapter reproduces ``ΔW`` exactly) plus the dense heads.
+The global model is the base plus the whole global update per module, from factors whose product
+is ``ΔW`` (adapter mode: the round's stacked factors ``B (m, R)``, ``A (R, n)``, R ≤ Σ r_k plus
+any carried tail; merge mode: ``U S``, ``Vᵀ``), loaded as a LoRA of rank ``max_modules R``
+(modules of lower rank are padded with zero-product directions, so the adapter reproduces
+``ΔW`` exactly) plus the dense heads.
 """
 
 from __future__ import annotations
@@ -28,15 +30,24 @@ from raflora.training import (
 
 
 def global_rank(state: GlobalState) -> int:
+    """The largest number of significant directions of any module's global update."""
     return max((u.rank for u in state.total_update().values()), default=0)
+
+
+def global_factors(state: GlobalState, rank: int | None = None) -> tuple[dict[str, Any], int]:
+    """Per module the factors of the whole global update (``rank`` None) or of its best
+    rank-`rank` approximation, and the LoRA rank that holds them all."""
+    updates = state.total_update()
+    if rank is not None:
+        return {name: update.factors(rank) for name, update in updates.items()}, rank
+    factors = {name: update.whole() for name, update in updates.items()}
+    return factors, max((A.shape[0] for _, A in factors.values()), default=0)
 
 
 def global_model(config: Config, base: nn.Module, state: GlobalState, rank: int | None = None):
     """PEFT model holding the global update (truncated to `rank` if given) and dense heads."""
-    updates = state.total_update()
-    top = global_rank(state) if rank is None else rank
+    factors, top = global_factors(state, rank)
     model = task.lora_model(config, base, max(top, 1), seed=config.run.seed)
-    factors = {name: update.factors(top) for name, update in updates.items()}
     set_factors(model, factors, seed=config.run.seed)
     if state.dense:
         set_dense_trainables(model, {k: torch.from_numpy(v) for k, v in state.dense.items()})

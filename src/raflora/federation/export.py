@@ -1,8 +1,9 @@
 """Export a run's global update as a standard PEFT adapter (``PeftModel.from_pretrained``).
 
-The adapter of rank R holds the best rank-R approximation of the global update (Eckart–Young,
-a slice of the stored SVD); the default R is the update's full rank, which reproduces the
-server's evaluation exactly.
+By default the adapter holds the whole global update, the factors the server evaluates (its
+rank is their width: the stacked Σ r_k in adapter mode), so it reproduces the server's
+evaluation exactly; with ``rank`` r it holds the best rank-r approximation (Eckart–Young, a
+slice of the stored SVD, or a new one above the federation's largest rank).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from pathlib import Path
 import torch
 
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint
-from raflora.federation.evaluation import global_rank
+from raflora.federation.evaluation import global_factors, global_rank
 from raflora.training import save_peft_adapter
 
 
 def export_run(run_dir: Path, out_dir: Path, rank: int | None = None) -> tuple[Path, int]:
-    """Write the latest checkpoint's global update as a rank-`rank` PEFT adapter."""
+    """Write the latest checkpoint's global update as a PEFT adapter: whole, or truncated to
+    rank `rank` (1 ≤ rank ≤ the update's number of significant directions). Returns the
+    adapter's folder and rank."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export (has the run done a round?)")
@@ -25,13 +28,12 @@ def export_run(run_dir: Path, out_dir: Path, rank: int | None = None) -> tuple[P
     full = global_rank(state)
     if full == 0:
         raise ValueError(f"{checkpoint}: the global update is empty; nothing to export")
-    rank = full if rank is None else rank
-    if rank < 1:
+    if rank is not None and rank < 1:
         raise ValueError(f"--rank must be >= 1 (got {rank})")
-    if rank > full:
+    if rank is not None and rank > full:
         raise ValueError(f"--rank {rank} exceeds the global update's rank {full}")
     model = meta["model"]
-    factors = {name: update.factors(rank) for name, update in state.total_update().items()}
+    factors, rank = global_factors(state, rank)
     path = save_peft_adapter(
         model["path"],
         model["task"],

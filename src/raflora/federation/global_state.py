@@ -1,9 +1,16 @@
 """Server-side state of a heterogeneous-rank LoRA federation, independent of Flower.
 
-Per target module the server keeps an update as a thin SVD ``ΔW = U diag(S) Vᵀ`` with
-``U (m, R)``, ``S (R,)``, ``Vt (R, n)`` and ``R ≤ Σ_k r_k`` (numerically zero directions
-dropped). Allocating rank ``r`` to a client is then a slice: ``B_r = U_r S_r``, ``A_r = V_rᵀ``
-(split "us", FlexLoRA) or ``U_r √S_r``, ``√S_r V_rᵀ`` (split "sqrt").
+Per target module the server keeps an update ``ΔW`` (m×n, never formed) with its leading thin
+SVD. Allocating rank ``r`` to a client is a slice of it: ``B_r = U_r S_r``, ``A_r = V_rᵀ``
+(split "us", FlexLoRA) or ``U_r √S_r``, ``√S_r V_rᵀ`` (split "sqrt"). Two forms:
+
+- :class:`StackedUpdate` (adapter mode): the round's stacked factors ``B (m, R)``, ``A (R, n)``,
+  ``R ≤ Σ_k r_k`` (+ the carried tail), whose product is the update, plus its first
+  ``t = r_cap`` singular triplets and every significant singular value, all from one R×R
+  eigendecomposition (:func:`decompose`, `leading_svd`): the cost of FlexLoRA's allocation.
+- :class:`SVDUpdate` (merge mode, whose merged sum keeps growing, and checkpoints of earlier
+  versions): the thin SVD of every significant direction, ``U (m, k)``, ``S (k,)``,
+  ``Vt (k, n)`` (:func:`compress`).
 
 Two ways to apply the aggregate of a round (DESIGN.md):
 - adapter mode (FlexLoRA): the aggregate *is* the new global update; clients start from its
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raflora.math import aggregate, significant_svd, significant_values
+from raflora.math import aggregate, leading_svd, significant_svd, significant_values
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -36,9 +43,17 @@ from raflora.math.diagnostics import (
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 
 
+def _svd_factors(U: np.ndarray, S: np.ndarray, Vt: np.ndarray, r: int, split: str) -> Factors:
+    """Rank-r factors from the first r triplets: (U_r S_r, V_rᵀ) or (U_r √S_r, √S_r V_rᵀ)."""
+    if split == "us":
+        return U[:, :r] * S[:r], Vt[:r].copy()
+    root = np.sqrt(S[:r])
+    return U[:, :r] * root, root[:, None] * Vt[:r]
+
+
 @dataclass(frozen=True)
 class SVDUpdate:
-    """``U diag(S) Vt`` of one module's update; ``U (m, R)``, ``S (R,)``, ``Vt (R, n)``."""
+    """``U diag(S) Vt`` of one module's update; ``U (m, k)``, ``S (k,)``, ``Vt (k, n)``."""
 
     U: np.ndarray
     S: np.ndarray
@@ -46,6 +61,7 @@ class SVDUpdate:
 
     @property
     def rank(self) -> int:
+        """How many significant directions the update has (k)."""
         return int(self.S.shape[0])
 
     @property
@@ -55,15 +71,71 @@ class SVDUpdate:
     def factors(self, rank: int | None = None, split: str = "us") -> Factors:
         """Best rank-`rank` factors (Eckart–Young): a slice of the stored SVD."""
         r = self.rank if rank is None else min(rank, self.rank)
-        S = self.S[:r]
-        if split == "us":
-            return self.U[:, :r] * S, self.Vt[:r].copy()
-        root = np.sqrt(S)
-        return self.U[:, :r] * root, root[:, None] * self.Vt[:r]
+        return _svd_factors(self.U, self.S, self.Vt, r, split)
+
+    def whole(self) -> Factors:
+        """Factors whose product is the whole update: ``(U S, Vt)``, k columns."""
+        return self.factors()
 
     def tail(self, start: int, stop: int) -> Factors:
         """Directions ``(start, stop]`` (1-based, inclusive) as factors ``(U S, Vt)``."""
         return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
+
+
+@dataclass(frozen=True)
+class StackedUpdate:
+    """One module's update kept as factors ``ΔW = B A``, ``B (m, R)``, ``A (R, n)`` (the
+    round's stacked aggregate), with its first t singular triplets ``U (m, t)``, ``S[:t]``,
+    ``Vt (t, n)`` and all k significant singular values ``S (k,)``, t ≤ k ≤ R.
+
+    Payloads, the carried tail and retention read the leading triplets, evaluation the whole
+    product, diagnostics the spectrum; a truncation beyond t (an export at a rank above the
+    federation's largest) decomposes ``B A`` once more (:func:`compress`)."""
+
+    B: np.ndarray
+    A: np.ndarray
+    U: np.ndarray
+    S: np.ndarray
+    Vt: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        """How many significant directions the update has (k)."""
+        return int(self.S.shape[0])
+
+    @property
+    def leading(self) -> int:
+        """How many singular triplets are stored (t)."""
+        return int(self.U.shape[1])
+
+    @property
+    def norm(self) -> float:
+        return float(np.sqrt(np.sum(self.S.astype(np.float64) ** 2)))
+
+    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
+        """Best rank-`rank` factors (Eckart–Young): a slice of the leading triplets, or for a
+        rank above t, of a new thin SVD of ``B A``."""
+        r = self.rank if rank is None else min(rank, self.rank)
+        if r <= self.leading:
+            return _svd_factors(self.U, self.S, self.Vt, r, split)
+        return compress(self.B, self.A).factors(r, split)
+
+    def whole(self) -> Factors:
+        """Factors whose product is the whole update: ``(B, A)``, R columns."""
+        return self.B, self.A
+
+    def tail(self, start: int, stop: int) -> Factors:
+        """Directions ``(start, stop]`` (1-based, inclusive) as factors ``(U S, Vt)``; they
+        must lie within the stored triplets (stop ≤ t, or the update has no more)."""
+        if min(stop, self.rank) > self.leading:
+            raise ValueError(
+                f"directions up to {stop} requested, only {self.leading} singular triplets "
+                "are stored (decompose with a larger `top`)"
+            )
+        return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
+
+
+Update = SVDUpdate | StackedUpdate
 
 
 def _significance(B: np.ndarray, A: np.ndarray) -> float:
@@ -78,6 +150,16 @@ def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdat
     B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
     U, S, Vt = significant_svd(B64, A64, _significance(B, A), dtype)
     return SVDUpdate(U.astype(dtype), S.astype(dtype), Vt.astype(dtype))
+
+
+def decompose(B: np.ndarray, A: np.ndarray, top: int, dtype: type = np.float32) -> StackedUpdate:
+    """``B @ A`` kept as its factors with its first ``top`` singular triplets and every
+    significant singular value (:func:`_significance`), from one decomposition
+    (`leading_svd`, computed in float64, stored in ``dtype``)."""
+    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
+    U, S, Vt = leading_svd(B64, A64, top, _significance(B, A))
+    B, A, U, S, Vt = (np.asarray(x, dtype) for x in (B, A, U, S, Vt))
+    return StackedUpdate(B, A, U, S, Vt)
 
 
 def compressed_values(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -119,7 +201,7 @@ class GlobalState:
     """Everything the server needs to continue a run after round `round`."""
 
     round: int
-    adapter: dict[str, SVDUpdate]  # global LoRA update (adapter mode); empty in merge mode
+    adapter: dict[str, Update]  # global LoRA update (adapter mode); empty in merge mode
     merged: dict[str, SVDUpdate]  # update merged into the base weights (merge mode)
     dense: dict[str, np.ndarray]  # non-LoRA trainables (classifier head), FedAvg'ed
     ranks: dict[int, int]  # partition-id → rank the client trains next (HetLoRA may prune)
@@ -128,7 +210,7 @@ class GlobalState:
         """The factors a client of rank `rank` starts from (adapter mode; empty otherwise)."""
         return {name: update.factors(rank, split) for name, update in self.adapter.items()}
 
-    def total_update(self) -> dict[str, SVDUpdate]:
+    def total_update(self) -> dict[str, Update]:
         """The update that defines the global model: adapter, or the merged sum."""
         return self.adapter if self.adapter else self.merged
 
@@ -167,7 +249,7 @@ def energy_spectrum(S: np.ndarray, k: int) -> np.ndarray:
     return (e / total if total > 0 else e)[:k]
 
 
-def retention(previous: SVDUpdate, agg: Factors, k: int) -> list[float]:
+def retention(previous: Update, agg: Factors, k: int) -> list[float]:
     """Share of direction i of the previous global update kept by this round's aggregate,
     ``u_iᵀ (B A) v_i / σ_i`` for i ≤ k: c_i = Σ_{r_k ≥ i} p_k for rank-agnostic averaging of
     barely trained clients, 1 for raFLoRA (measured without forming B A)."""
@@ -224,7 +306,7 @@ def aggregate_round(
     weights = [float(u.num_examples) for u in updates]
     sampled_max = max(ranks)
     modules = sorted(updates[0].factors)
-    new_adapter: dict[str, SVDUpdate] = {}
+    new_adapter: dict[str, Update] = {}
     new_merged: dict[str, SVDUpdate] = dict(state.merged)
     per_module: dict[str, dict] = {}
     carried_energy = []
@@ -248,7 +330,8 @@ def aggregate_round(
             if tail[0].shape[1]:
                 carried = float(np.sum(previous.S[sampled_max : settings.max_rank] ** 2))
                 parts.append(tail)
-        round_update = compress(*stack(*parts))  # one SVD per module, carried tail included
+        # one decomposition per module, carried tail included
+        round_update = decompose(*stack(*parts), top=settings.max_rank)
         new_adapter[name] = round_update
         per_module[name] = module_diagnostics(round_update.S, settings.bounds)
         if previous is not None and previous.rank:

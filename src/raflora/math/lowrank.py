@@ -169,23 +169,32 @@ def _core_maps(
     """For X (m, R), Y (R, n) with XᵀX = L Lᵀ and G_Y = Y Yᵀ (R, R): the maps M_X, M_Y (R, top)
     and S (top,) with U = X M_X, Vᵀ = M_Yᵀ Y the top triplets of X Y. With Q = X L⁻ᵀ
     orthonormal, X Y = Q (Lᵀ Y) and (Lᵀ Y)(Lᵀ Y)ᵀ = Lᵀ G_Y L = U_c S² U_cᵀ (R×R eigh), so
-    M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. With ``rtol``, top is instead the number of singular
-    values above rtol · σ_1. None if a top singular value is 0."""
+    M_X = L⁻ᵀ U_c and M_Y = L U_c S⁻¹. With ``rtol``, only the singular values above
+    rtol · σ_1 count (at most ``top`` of them). None if a top singular value is 0."""
+    out = _core_maps_and_values(L, G_Y, top, rtol)
+    return None if out is None else out[:3]
+
+
+def _core_maps_and_values(
+    L: Tensor, G_Y: Tensor, top: int, rtol: float | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`_core_maps` plus every singular value of X Y from the same eigendecomposition,
+    σ (R,) descending (σ_i² = λ_i, clamped at 0)."""
     H = _core(L, G_Y)
     lam, W = torch.linalg.eigh(H)  # ascending
     del H
+    sigma = lam.flip(0).clamp(min=0).sqrt()  # (R,) descending
     if rtol is not None:
-        sigma = lam.clamp(min=0).sqrt()
-        top = int((sigma > rtol * sigma[-1]).sum())
+        top = min(top, _count_above(sigma, rtol))
         if top == 0:
             return None
     U_c = W[:, -top:].flip(-1)  # (R, top), a copy
-    S = lam[-top:].flip(-1).clamp(min=0).sqrt()  # (top,)
+    S = sigma[:top].clone()  # (top,)
     del W, lam
     if not bool((S > 0).all()):
         return None
     M_X = torch.linalg.solve_triangular(L.mT, U_c, upper=True)  # L⁻ᵀ U_c (R, top)
-    return M_X, (L @ U_c) / S, S
+    return M_X, (L @ U_c) / S, S, sigma
 
 
 def _orthonormal(U: Tensor, Vt: Tensor, tol: float | None = None) -> bool:
@@ -353,7 +362,7 @@ def significant_svd(B: Any, A: Any, rtol: float, storage: Any = np.float32) -> t
     out = None
     if _gram_route_resolves(Bt, At, rtol):
         check = partial(_orthonormal_estimate, tol=eps)
-        out = _either_side(lambda X, Y: _one_sided(X, Y, 0, rtol, check), Bt, At)
+        out = _either_side(lambda X, Y: _one_sided(X, Y, X.shape[1], rtol, check), Bt, At)
     if out is not None:
         out = _fix_signs(*out)
     else:
@@ -399,6 +408,60 @@ def significant_values(B: Any, A: Any, rtol: float) -> Any:
         squares = _gram_values(At.mT, Bt.mT) if squares is None else squares
     S = _svdvals(Bt, At) if squares is None else squares.sqrt()
     return backend.out(S[: _count_above(S, rtol)])
+
+
+def _leading_one_sided(
+    X: Tensor, Y: Tensor, top: int, rtol: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """U (m, t), σ (k,), Vt (t, n) of X Y by the Cholesky route from X's Gram matrix: the
+    k singular values above rtol · σ_1 and the first t = min(top, k) triplets, all from one
+    R×R eigendecomposition. None when XᵀX is too ill-conditioned or the t vectors are not
+    orthonormal to working precision (:func:`_orthonormal`, as :func:`allocate`)."""
+    L = _gram_cholesky(X)
+    out = None if L is None else _core_maps_and_values(L, _gram(Y.mT), top, rtol)
+    if out is None:
+        return None
+    M_X, M_Y, _, sigma = out
+    U, Vt = X @ M_X, M_Y.mT @ Y  # (m, t), (t, n)
+    return (U, sigma[: _count_above(sigma, rtol)], Vt) if _orthonormal(U, Vt) else None
+
+
+def leading_svd(B: Any, A: Any, top: int, rtol: float) -> tuple[Any, Any, Any]:
+    """The singular values σ_i > rtol · σ_1 of ``B @ A`` and its first ``top`` singular
+    triplets, from one decomposition (the server's adapter update: clients get the top
+    triplets, diagnostics read the spectrum).
+
+    Args:
+        B: (m, R), A: (R, n), as for :func:`factored_svd` (float64 for float32 storage).
+        top: how many triplets, ≥ 0 (the federation's largest rank).
+        rtol: relative threshold on the singular values, ≥ 0.
+
+    Returns:
+        ``U`` (m, t), ``S`` (k,) descending, ``Vt`` (t, n), with k the number of values above
+        the threshold and t = min(top, k), in the input's library and dtype.
+
+    The Cholesky route of :func:`allocate` (B's side, else Aᵀ's) with every eigenvalue kept:
+    the cost of :func:`allocate`, i.e. of :func:`significant_values` plus the m×R and R×n
+    products of t columns (not k as in :func:`significant_svd`). The values carry the
+    accuracy of :func:`significant_values`, the triplets that of :func:`allocate`; for
+    rtol ≤ 8 √eps(dtype), for R ≥ min(m, n), and when neither side's vectors come out
+    orthonormal it is Householder QR (or the dense product) and the threshold.
+    """
+    _check_rtol(rtol)
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 0:
+        raise ValueError(f"top must be an integer ≥ 0, got {top!r}")
+    Bt, At, backend = validate_pair(B, A)
+    out = None
+    if top and _gram_route_resolves(Bt, At, rtol):
+        out = _either_side(lambda X, Y: _leading_one_sided(X, Y, int(top), rtol), Bt, At)
+    if out is None:
+        U, S, Vt = _svd(Bt, At, int(top))  # U (m, top), S (min(m, n, R),), Vt (top, n)
+        S = S[: _count_above(S, rtol)]
+        t = min(int(top), S.shape[0])
+        out = (U[:, :t], S, Vt[:t])
+    U, S, Vt = out
+    U, _, Vt = _fix_signs(U.contiguous(), S, Vt.contiguous())
+    return tuple(backend.out(x) for x in (U, S, Vt))  # type: ignore[return-value]
 
 
 def spectrum(B: Any, A: Any) -> Any:
