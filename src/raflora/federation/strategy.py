@@ -1,7 +1,7 @@
 """Flower strategy for heterogeneous-rank LoRA: allocate by SVD, aggregate by registry method.
 
 Each round, for every sampled client k of rank r_k the strategy sends the best rank-r_k share
-of the global update (a slice of its stored SVD, one decomposition per module per round),
+of the global update (a slice of its leading SVD, one decomposition per module per round),
 receives the trained factors ``B_k (m, r_k)``, ``A_k (r_k, n)`` (LoRA scaling folded in) and
 ``num-examples``, validates them, and aggregates with the configured method of
 `raflora.math.aggregate` (see `global_state.aggregate_round`). FedAvg's aggregation cannot be
