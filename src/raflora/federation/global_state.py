@@ -43,57 +43,10 @@ from raflora.math.diagnostics import (
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 
 
-def _svd_factors(U: np.ndarray, S: np.ndarray, Vt: np.ndarray, r: int, split: str) -> Factors:
-    """Rank-r factors from the first r triplets: (U_r S_r, V_rᵀ) or (U_r √S_r, √S_r V_rᵀ)."""
-    if split == "us":
-        return U[:, :r] * S[:r], Vt[:r].copy()
-    root = np.sqrt(S[:r])
-    return U[:, :r] * root, root[:, None] * Vt[:r]
+class _Triplets:
+    """What both forms share: every significant singular value ``S (k,)`` and the first t
+    triplets ``U (m, t)``, ``Vt (t, n)`` (t = k for a thin SVD of every direction)."""
 
-
-@dataclass(frozen=True)
-class SVDUpdate:
-    """``U diag(S) Vt`` of one module's update; ``U (m, k)``, ``S (k,)``, ``Vt (k, n)``."""
-
-    U: np.ndarray
-    S: np.ndarray
-    Vt: np.ndarray
-
-    @property
-    def rank(self) -> int:
-        """How many significant directions the update has (k)."""
-        return int(self.S.shape[0])
-
-    @property
-    def norm(self) -> float:
-        return float(np.sqrt(np.sum(self.S.astype(np.float64) ** 2)))
-
-    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
-        """Best rank-`rank` factors (Eckart–Young): a slice of the stored SVD."""
-        r = self.rank if rank is None else min(rank, self.rank)
-        return _svd_factors(self.U, self.S, self.Vt, r, split)
-
-    def whole(self) -> Factors:
-        """Factors whose product is the whole update: ``(U S, Vt)``, k columns."""
-        return self.factors()
-
-    def tail(self, start: int, stop: int) -> Factors:
-        """Directions ``(start, stop]`` (1-based, inclusive) as factors ``(U S, Vt)``."""
-        return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
-
-
-@dataclass(frozen=True)
-class StackedUpdate:
-    """One module's update kept as factors ``ΔW = B A``, ``B (m, R)``, ``A (R, n)`` (the
-    round's stacked aggregate), with its first t singular triplets ``U (m, t)``, ``S[:t]``,
-    ``Vt (t, n)`` and all k significant singular values ``S (k,)``, t ≤ k ≤ R.
-
-    Payloads, the carried tail and retention read the leading triplets, evaluation the whole
-    product, diagnostics the spectrum; a truncation beyond t (an export at a rank above the
-    federation's largest) decomposes ``B A`` once more (:func:`compress`)."""
-
-    B: np.ndarray
-    A: np.ndarray
     U: np.ndarray
     S: np.ndarray
     Vt: np.ndarray
@@ -112,17 +65,13 @@ class StackedUpdate:
     def norm(self) -> float:
         return float(np.sqrt(np.sum(self.S.astype(np.float64) ** 2)))
 
-    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
-        """Best rank-`rank` factors (Eckart–Young): a slice of the leading triplets, or for a
-        rank above t, of a new thin SVD of ``B A``."""
-        r = self.rank if rank is None else min(rank, self.rank)
-        if r <= self.leading:
-            return _svd_factors(self.U, self.S, self.Vt, r, split)
-        return compress(self.B, self.A).factors(r, split)
-
-    def whole(self) -> Factors:
-        """Factors whose product is the whole update: ``(B, A)``, R columns."""
-        return self.B, self.A
+    def _leading_factors(self, r: int, split: str) -> Factors:
+        """Rank-r factors (r ≤ t): (U_r S_r, V_rᵀ) or (U_r √S_r, √S_r V_rᵀ)."""
+        U, S, Vt = self.U[:, :r], self.S[:r], self.Vt[:r]
+        if split == "us":
+            return U * S, Vt.copy()
+        root = np.sqrt(S)
+        return U * root, root[:, None] * Vt
 
     def tail(self, start: int, stop: int) -> Factors:
         """Directions ``(start, stop]`` (1-based, inclusive) as factors ``(U S, Vt)``; they
@@ -133,6 +82,52 @@ class StackedUpdate:
                 "are stored (decompose with a larger `top`)"
             )
         return self.U[:, start:stop] * self.S[start:stop], self.Vt[start:stop].copy()
+
+
+@dataclass(frozen=True)
+class SVDUpdate(_Triplets):
+    """``U diag(S) Vt`` of one module's update; ``U (m, k)``, ``S (k,)``, ``Vt (k, n)``."""
+
+    U: np.ndarray
+    S: np.ndarray
+    Vt: np.ndarray
+
+    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
+        """Best rank-`rank` factors (Eckart–Young): a slice of the stored SVD."""
+        return self._leading_factors(self.rank if rank is None else min(rank, self.rank), split)
+
+    def whole(self) -> Factors:
+        """Factors whose product is the whole update: ``(U S, Vt)``, k columns."""
+        return self.factors()
+
+
+@dataclass(frozen=True)
+class StackedUpdate(_Triplets):
+    """One module's update kept as factors ``ΔW = B A``, ``B (m, R)``, ``A (R, n)`` (the
+    round's stacked aggregate), with its first t singular triplets ``U (m, t)``, ``S[:t]``,
+    ``Vt (t, n)`` and all k significant singular values ``S (k,)``, t ≤ k ≤ R.
+
+    Payloads, the carried tail and retention read the leading triplets, evaluation the whole
+    product, diagnostics the spectrum; a truncation beyond t (an export at a rank above the
+    federation's largest) decomposes ``B A`` once more (:func:`compress`)."""
+
+    B: np.ndarray
+    A: np.ndarray
+    U: np.ndarray
+    S: np.ndarray
+    Vt: np.ndarray
+
+    def factors(self, rank: int | None = None, split: str = "us") -> Factors:
+        """Best rank-`rank` factors (Eckart–Young): a slice of the leading triplets, or for a
+        rank above t, of a new thin SVD of ``B A``."""
+        r = self.rank if rank is None else min(rank, self.rank)
+        if r <= self.leading:
+            return self._leading_factors(r, split)
+        return compress(self.B, self.A).factors(r, split)
+
+    def whole(self) -> Factors:
+        """Factors whose product is the whole update: ``(B, A)``, R columns."""
+        return self.B, self.A
 
 
 Update = SVDUpdate | StackedUpdate
