@@ -164,7 +164,9 @@ def test_a_finished_run_has_every_output(runs) -> None:
     summary = finish_run(run["config"], run["run_dir"])
     history = check_run_outputs(run["run_dir"], 2)
     assert summary["ranks"] == {"0": 2, "1": 4, "2": 8} and summary["bounds"] == [2, 4, 8]
-    assert summary["adapter_rank"] == max(u.rank for u in run["state"].adapter.values())
+    # the adapter holds the whole update: the stacked factors, Σ r_k = 14 columns per module
+    assert summary["adapter_rank"] == 14
+    assert all(u.whole()[0].shape[1] == 14 for u in run["state"].adapter.values())
     assert summary["bytes_per_round"] == np.mean(
         [r["bytes_sent"] + r["bytes_received"] for r in history[1:]]
     )
@@ -247,7 +249,7 @@ def test_exported_adapter_reproduces_the_final_server_evaluation(runs, method, t
     run = method_run(runs, method)
     config = run["config"]
     path, rank = export_run(run["run_dir"], tmp_path / "adapter")
-    assert rank == max(u.rank for u in run["state"].total_update().values())
+    assert rank == max(u.whole()[1].shape[0] for u in run["state"].total_update().values())
     adapter_config = json.loads((path / "adapter_config.json").read_text())
     assert adapter_config["r"] == rank
     # a user's own load: another seed for any fresh weights, PEFT's loader
