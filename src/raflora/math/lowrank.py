@@ -241,15 +241,20 @@ def _one_sided(
     top: int,
     rtol: float | None = None,
     check: Callable[[Tensor, Tensor], bool] = _orthonormal,
+    all_values: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Top triplets U (m, top), S, Vt (top, n) of X @ Y, X (m, R), Y (R, n), by Cholesky QR of
-    X, XᵀX = L Lᵀ (see :func:`_core_maps`; with ``rtol``, every triplet above rtol · σ_1). None
-    if XᵀX is too ill-conditioned or ``check(U, Vt)`` (orthonormality) fails."""
+    X, XᵀX = L Lᵀ (see :func:`_core_maps`; with ``rtol``, at most ``top`` triplets above
+    rtol · σ_1). With ``all_values``, S holds every singular value above rtol · σ_1 (from the
+    same eigendecomposition), not only the top ones. None if XᵀX is too ill-conditioned or
+    ``check(U, Vt)`` (orthonormality) fails."""
     L = _gram_cholesky(X)
-    maps = None if L is None else _core_maps(L, _gram(Y.mT), top, rtol)
-    if maps is None:
+    out = None if L is None else _core_maps_and_values(L, _gram(Y.mT), top, rtol)
+    if out is None:
         return None
-    M_X, M_Y, S = maps
+    M_X, M_Y, S, sigma = out
+    if all_values:
+        S = sigma[: _count_above(sigma, rtol or 0.0)]
     U, Vt = X @ M_X, M_Y.mT @ Y  # (m, top), (top, n)
     return (U, S, Vt) if check(U, Vt) else None
 
@@ -410,22 +415,6 @@ def significant_values(B: Any, A: Any, rtol: float) -> Any:
     return backend.out(S[: _count_above(S, rtol)])
 
 
-def _leading_one_sided(
-    X: Tensor, Y: Tensor, top: int, rtol: float
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """U (m, t), σ (k,), Vt (t, n) of X Y by the Cholesky route from X's Gram matrix: the
-    k singular values above rtol · σ_1 and the first t = min(top, k) triplets, all from one
-    R×R eigendecomposition. None when XᵀX is too ill-conditioned or the t vectors are not
-    orthonormal to working precision (:func:`_orthonormal`, as :func:`allocate`)."""
-    L = _gram_cholesky(X)
-    out = None if L is None else _core_maps_and_values(L, _gram(Y.mT), top, rtol)
-    if out is None:
-        return None
-    M_X, M_Y, _, sigma = out
-    U, Vt = X @ M_X, M_Y.mT @ Y  # (m, t), (t, n)
-    return (U, sigma[: _count_above(sigma, rtol)], Vt) if _orthonormal(U, Vt) else None
-
-
 def leading_svd(B: Any, A: Any, top: int, rtol: float) -> tuple[Any, Any, Any]:
     """The singular values σ_i > rtol · σ_1 of ``B @ A`` and its first ``top`` singular
     triplets, from one decomposition (the server's adapter update: clients get the top
@@ -453,7 +442,8 @@ def leading_svd(B: Any, A: Any, top: int, rtol: float) -> tuple[Any, Any, Any]:
     Bt, At, backend = validate_pair(B, A)
     out = None
     if top and _gram_route_resolves(Bt, At, rtol):
-        out = _either_side(lambda X, Y: _leading_one_sided(X, Y, int(top), rtol), Bt, At)
+        route = partial(_one_sided, top=int(top), rtol=rtol, all_values=True)
+        out = _either_side(route, Bt, At)
     if out is None:
         U, S, Vt = _svd(Bt, At, int(top))  # U (m, top), S (min(m, n, R),), Vt (top, n)
         S = S[: _count_above(S, rtol)]
