@@ -13,6 +13,7 @@ hashes and the keys and raises `CheckpointError` rather than returning a half-lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,15 +49,16 @@ def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for kind, updates in (("adapter", state.adapter), ("merged", state.merged)):
         for name, update in updates.items():
-            for part in _parts(update):
+            for part in _parts(type(update)):
                 arrays[f"{kind}/{name}/{part}"] = np.ascontiguousarray(getattr(update, part))
     for name, value in state.dense.items():
         arrays[f"dense/{name}"] = np.ascontiguousarray(value)
     return arrays
 
 
-def _parts(update: Update) -> tuple[str, ...]:
-    return ("B", "A", "U", "S", "Vt") if isinstance(update, StackedUpdate) else ("U", "S", "Vt")
+def _parts(kind: type[Update]) -> tuple[str, ...]:
+    """The arrays of an update class, in constructor order: B, A, U, S, Vt or U, S, Vt."""
+    return tuple(field.name for field in dataclasses.fields(kind))
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -69,13 +71,13 @@ def _unflatten(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> GlobalSta
     groups: dict[str, dict[str, Update]] = {"adapter": {}, "merged": {}}
     for kind in groups:
         for name in meta[kind]:
-            stacked = f"{kind}/{name}/B" in arrays  # a StackedUpdate (format ≥ 2)
-            keys = ("B", "A", "U", "S", "Vt") if stacked else ("U", "S", "Vt")
+            # a StackedUpdate (format ≥ 2) has B, A; format 1 held thin SVDs only
+            cls = StackedUpdate if f"{kind}/{name}/B" in arrays else SVDUpdate
             try:
-                parts = [arrays[f"{kind}/{name}/{p}"] for p in keys]
+                parts = [arrays[f"{kind}/{name}/{p}"] for p in _parts(cls)]
             except KeyError as missing:
                 raise CheckpointError(f"checkpoint lacks array {missing}") from None
-            groups[kind][name] = StackedUpdate(*parts) if stacked else SVDUpdate(*parts)
+            groups[kind][name] = cls(*parts)
     dense = {name: arrays[f"dense/{name}"] for name in meta["dense"]}
     expected = len(_flatten(GlobalState(0, groups["adapter"], groups["merged"], dense, {})))
     if expected != len(arrays):

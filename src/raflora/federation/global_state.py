@@ -133,34 +133,34 @@ class StackedUpdate(_Triplets):
 Update = SVDUpdate | StackedUpdate
 
 
-def _significance(B: np.ndarray, A: np.ndarray) -> float:
-    """σ below ``max(m, n) · eps(float32) · σ_max`` is numerically zero (as
-    `numpy.linalg.matrix_rank`)."""
-    return max(B.shape[0], A.shape[1]) * float(np.finfo(np.float32).eps)
+def _float64_with_threshold(B: np.ndarray, A: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """B, A in float64 (the server decomposes in float64) and the relative threshold below
+    which σ is numerically zero: ``max(m, n) · eps(float32)`` (as `numpy.linalg.matrix_rank`)."""
+    rtol = max(B.shape[0], A.shape[1]) * float(np.finfo(np.float32).eps)
+    return np.asarray(B, np.float64), np.asarray(A, np.float64), rtol
 
 
 def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdate:
     """Thin SVD of ``B @ A`` without forming it, dropping the numerically zero directions
-    (:func:`_significance`); computed in float64, accurate to ``dtype`` (`significant_svd`)."""
-    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
-    U, S, Vt = significant_svd(B64, A64, _significance(B, A), dtype)
+    (:func:`_float64_with_threshold`); computed in float64, accurate to ``dtype``
+    (`significant_svd`)."""
+    U, S, Vt = significant_svd(*_float64_with_threshold(B, A), dtype)
     return SVDUpdate(U.astype(dtype), S.astype(dtype), Vt.astype(dtype))
 
 
 def decompose(B: np.ndarray, A: np.ndarray, top: int, dtype: type = np.float32) -> StackedUpdate:
     """``B @ A`` kept as its factors with its first ``top`` singular triplets and every
-    significant singular value (:func:`_significance`), from one decomposition
+    significant singular value (:func:`_float64_with_threshold`), from one decomposition
     (`leading_svd`, computed in float64, stored in ``dtype``)."""
-    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
-    U, S, Vt = leading_svd(B64, A64, top, _significance(B, A))
+    B64, A64, rtol = _float64_with_threshold(B, A)
+    U, S, Vt = leading_svd(B64, A64, top, rtol)
     B, A, U, S, Vt = (np.asarray(x, dtype) for x in (B, A, U, S, Vt))
     return StackedUpdate(B, A, U, S, Vt)
 
 
 def compressed_values(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """``compress(B, A, dtype).S`` without the singular vectors (`significant_values`)."""
-    B64, A64 = np.asarray(B, np.float64), np.asarray(A, np.float64)
-    return significant_values(B64, A64, _significance(B, A)).astype(dtype)
+    return significant_values(*_float64_with_threshold(B, A)).astype(dtype)
 
 
 def empty_update(m: int, n: int) -> SVDUpdate:
