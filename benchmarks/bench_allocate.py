@@ -24,9 +24,8 @@ stacked factors kept as the global update with their first r_max singular triple
 significant singular value, one R×R eigendecomposition) for a LLaMA-7B-shaped adapter, against
 the steps it replaced (``compress``, the thin SVD of every significant direction, by the
 Cholesky route and, before that, by Householder QR), so the cost of a real round is on record;
-and the step in
-merge mode (FLoRA), whose diagnostics need the round's singular values alone, against the full
-``compress`` it used to run for them.
+and the step in merge mode (FLoRA), whose diagnostics need the round's singular values alone,
+against the full ``compress`` it used to run for them.
 Relative difference: max over the clients' ranks r of ‖B_r A_r − D_r‖_F / ‖D_r‖_F, computed from
 the factors by QR (never forming m×n), against the dense baseline where it ran, else against
 ``factored_svd`` in float64 (Householder QR route), as the "vs" column says.
