@@ -267,8 +267,11 @@ def test_a_missing_data_path_names_data_name(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings_", "says"),
     [
-        (["clients.num_clients=50", "data.partition=iid"],
-         r"clients\.num_clients=50: cannot give 50 clients at least one of 48 examples"),
+        (["clients.num_clients=50", "data.partition=iid", "data.min_client_size=1"],
+         r"data\.partition=iid \(clients\.num_clients=50, data\.min_client_size=1\): "
+         r"48 examples cannot give 50 clients 1 each"),
+        (["clients.num_clients=7", "data.partition=iid"],
+         r"data\.min_client_size=8\): 48 examples cannot give 7 clients 8 each"),
         (["clients.num_clients=50"],
          r"data\.min_client_size=8.*: 48 examples cannot give 50 clients 8 each"),
         (["clients.num_clients=6", "data.dirichlet_alpha=0.01", "data.min_client_size=5"],

@@ -19,14 +19,19 @@ def assert_partition(parts: list[np.ndarray], n: int, min_size: int) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 300), clients=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_iid(n: int, clients: int, seed: int) -> None:
-    if n < clients:
-        with pytest.raises(ValueError, match="at least one"):
-            partition_iid(n, clients, seed)
+@given(
+    n=st.integers(1, 300),
+    clients=st.integers(1, 12),
+    min_size=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_iid(n: int, clients: int, min_size: int, seed: int) -> None:
+    if n // clients < min_size:
+        with pytest.raises(ValueError, match=f"{n} examples cannot give {clients} clients"):
+            partition_iid(n, clients, seed, min_size=min_size)
         return
-    parts = partition_iid(n, clients, seed)
-    assert_partition(parts, n, 1)
+    parts = partition_iid(n, clients, seed, min_size=min_size)
+    assert_partition(parts, n, min_size)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert all(
         np.array_equal(a, b) for a, b in zip(parts, partition_iid(n, clients, seed), strict=True)

@@ -101,7 +101,7 @@ class DataSection(_Section):
     dirichlet_alpha: PositiveFloat = 0.5
     """label skew: small = very non-IID"""
     min_client_size: PositiveInt = 8
-    """Dirichlet split: every client gets at least this many examples (IID: equal shares)"""
+    """every client gets at least this many examples (IID: equal shares, refused below)"""
     local_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """client-side eval split"""
 

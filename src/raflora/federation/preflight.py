@@ -37,15 +37,13 @@ def check_data(config: Config) -> None:
     try:
         shares = task.client_shares(config, data)
     except ValueError as error:
-        where = (
-            f"clients.num_clients={clients}"
-            if partition == "iid"
-            else (
-                f"data.partition=dirichlet (clients.num_clients={clients}, "
-                f"data.min_client_size={config.data.min_client_size}, "
-                f"data.dirichlet_alpha={config.data.dirichlet_alpha:g})"
-            )
-        )
+        settings_ = [
+            f"clients.num_clients={clients}",
+            f"data.min_client_size={config.data.min_client_size}",
+        ]
+        if partition == "dirichlet":
+            settings_.append(f"data.dirichlet_alpha={config.data.dirichlet_alpha:g}")
+        where = f"data.partition={partition} ({', '.join(settings_)})"
         raise RunSetupError(f"{where}: {_one_line(error)}") from None
     for client, share in enumerate(shares):
         train, _ = task.local_split(config, share, client)

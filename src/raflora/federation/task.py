@@ -72,7 +72,7 @@ def client_shares(config: Config, data: TaskData) -> list[np.ndarray]:
     """Indices into ``data.train`` per client, reproducible from the seed."""
     num, seed = config.clients.num_clients, derived_seed(config.run.seed, "partition")
     if config.data.partition == "iid":
-        return partition_iid(len(data.train), num, seed)
+        return partition_iid(len(data.train), num, seed, min_size=config.data.min_client_size)
     return partition_dirichlet(
         partition_labels(data),
         num,

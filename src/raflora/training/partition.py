@@ -8,12 +8,13 @@ import numpy as np
 from rich.table import Table
 
 
-def partition_iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    """A seeded permutation of ``range(n)`` cut into ``num_clients`` near-equal sorted parts."""
+def partition_iid(n: int, num_clients: int, seed: int, min_size: int = 1) -> list[np.ndarray]:
+    """A seeded permutation of ``range(n)`` cut into ``num_clients`` near-equal sorted parts
+    (sizes ⌊n/K⌋ or ⌈n/K⌉); raises ``ValueError`` when ⌊n/K⌋ < ``min_size``."""
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
-    if n < num_clients:
-        raise ValueError(f"cannot give {num_clients} clients at least one of {n} examples")
+    if n < num_clients * max(min_size, 1):
+        raise ValueError(f"{n} examples cannot give {num_clients} clients {max(min_size, 1)} each")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
