@@ -1,5 +1,6 @@
 """Deployment mode on loopback: `flower-superlink`, 2 `flower-supernode`s and `flwr run deploy/`
-for 2 rounds on a tiny model; the run must finish as completed and write its run folder.
+for 2 rounds on a tiny model; the run must finish as completed and write its run folder. Also
+a run whose ClientApp processes exit mid-round (faults.mode=vanish) must complete without them.
 
 Marked slow: every message starts a fresh `flwr-clientapp` process that imports torch,
 transformers and PEFT, so even 2 tiny rounds take about 2 minutes on 2 busy cores (measured
@@ -17,6 +18,7 @@ import pytest
 from helpers.loopback import CONNECTION, Loopback, two_node_overrides
 from helpers.runs import ROOT, TINY, check_run_outputs
 from raflora.config import ConfigError, load_config
+from raflora.federation.faults import failing_clients
 from raflora.federation.server_app import config_from_run_config
 
 
@@ -102,3 +104,43 @@ def test_two_supernodes_two_rounds(loopback: Loopback, tiny_bert_dir: Path, tmp_
     failed = [run for run in loopback.runs() if run["run-id"] != runs[0]["run-id"]]
     assert len(failed) == 1 and failed[0]["status"] == "finished:failed", failed
     assert "federation.rounds" in failed[0]["status-details"] + result.stdout, failed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_clientapp_process_that_exits_fails_its_client_not_the_run(
+    loopback: Loopback, tiny_bert_dir: Path, tmp_path: Path
+):
+    """faults.mode=vanish in deployment: each round one of the two clients' `flwr-clientapp`
+    processes exits (os._exit) mid-message. Its SuperNode stays up and reports it (Flower's
+    error 8 after its heartbeat lapses, ~35 s here), the round is aggregated from the other
+    client, metrics.json names the vanished one, and the next round's message to that
+    SuperNode starts a fresh ClientApp (client 0 vanishes in rounds 1 and 2, trains in 3)."""
+    out_dir = tmp_path / "runs"
+    faults = "faults.fraction=0.5; faults.mode=vanish; federation.round_timeout_s=150"
+    overrides = f"{two_node_overrides(tiny_bert_dir, rounds=3, name='vanishing')}; {faults}"
+    run_config = {"config-file": str(TINY), "overrides": overrides, "out-dir": str(out_dir)}
+    config, _, _ = config_from_run_config({**run_config, "resume": False})
+    failing = [failing_clients(config, r) for r in (1, 2, 3)]
+    assert all(len(f) == 1 for f in failing) and len(set().union(*failing)) == 2  # both vanish
+    loopback.start_superlink()
+    nodes = [loopback.start_supernode(f"partition-id={pid} num-partitions=2") for pid in (0, 1)]
+    result = loopback.flwr(
+        "run",
+        str(ROOT / "deploy"),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        f'config-file="{TINY}" out-dir="{out_dir}" overrides="{overrides}"',
+        timeout=500,
+    )
+    context = f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}\n{loopback.logs()}"
+    assert result.returncode == 0, context
+    runs = loopback.runs()
+    assert len(runs) == 1 and runs[0]["status"] == "finished:completed", f"{runs}\n{context}"
+    history = check_run_outputs(out_dir / "vanishing", 3)
+    for record, vanished in zip(history[1:], failing, strict=True):
+        assert {int(pid) for pid in record["failures"]} == vanished, (record, context)
+        assert all("ClientApp stopped responding" in r for r in record["failures"].values())
+        assert record["ok"] == 1 and record["failed"] == 1 and not record["skipped"], record
+    assert all(node.poll() is None for node in nodes), context  # both SuperNodes still up
