@@ -308,3 +308,23 @@ def test_local_validation_never_takes_a_clients_last_example() -> None:
         train, val = local_split(config, np.arange(size), client=0)
         assert len(train) >= 1 and len(train) + len(val) == size
     assert math.isclose(len(local_split(config, np.arange(100), 0)[1]), 90)
+
+
+def test_a_rank_above_a_target_modules_size_is_refused(tiny_bert_dir: Path, tmp_path: Path):
+    from helpers.runs import run_in_process, tiny_config
+    from raflora.federation.server import check_ranks_fit
+    from raflora.federation.strategy import NodeInfo
+
+    modules = {"l.query": (32, 32), "l.up": (64, 32), "l.wide": (64, 128)}
+    check_ranks_fit([NodeInfo(0, 0, 32, 10), NodeInfo(1, 1, 2, 10)], modules)  # at the limit
+    nodes = [NodeInfo(7, 0, 2, 10), NodeInfo(8, 1, 33, 10), NodeInfo(9, 2, 40, 10)]
+    with pytest.raises(ConfigError) as caught:
+        check_ranks_fit(nodes, modules)
+    message = str(caught.value)
+    assert message.startswith("clients.ranks: rank above 32 = min(out, in) of target module")
+    assert "(client 1: 33, client 2: 40); use ranks ≤ 32" in message and "\n" not in message
+
+    config = tiny_config(tiny_bert_dir, "clients.ranks=[2, 4, 40]")  # hidden size 32
+    with pytest.raises(ConfigError, match=r"rank above 32 .*\(client 2: 40\)"):
+        run_in_process(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any round

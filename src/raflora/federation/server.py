@@ -93,6 +93,24 @@ def discover_nodes(grid: Grid, config: Config, timeout: float) -> list[NodeInfo]
     return [nodes[pid] for pid in sorted(nodes)]
 
 
+def check_ranks_fit(nodes: list[NodeInfo], modules: dict[str, tuple[int, int]]) -> None:
+    """Every client's rank r_k ≤ min(m, n) of every target module W (m×n): a LoRA update
+    B A of W has rank ≤ min(m, n), so a larger rank only ships and trains columns that can
+    add nothing. Raises ConfigError naming the smallest module and the clients."""
+    if not modules:
+        return
+    name, (m, n) = min(modules.items(), key=lambda item: min(item[1]))
+    limit = min(m, n)
+    over = {node.partition_id: node.rank for node in nodes if node.rank > limit}
+    if over:
+        listed = ", ".join(f"client {pid}: {rank}" for pid, rank in sorted(over.items()))
+        raise ConfigError(
+            f"clients.ranks: rank above {limit} = min(out, in) of target module {name} "
+            f"({m}×{n}), which a LoRA update of it cannot exceed ({listed}); use ranks ≤ "
+            f"{limit} (in deployment: the node's rank) or target larger modules"
+        )
+
+
 def round_record(
     current: RoundLog, server: dict[str, float] | None, seconds: float
 ) -> dict[str, Any]:
@@ -211,7 +229,9 @@ class FederatedRun:
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)
-        strategy.register_nodes(discover_nodes(grid, config, startup))
+        nodes = discover_nodes(grid, config, startup)
+        check_ranks_fit(nodes, expectation.modules)
+        strategy.register_nodes(nodes)
         strategy.summary()
         self.reporter.show(client_table(config, strategy))
         self.bounds = list(strategy.settings.bounds)
