@@ -70,7 +70,51 @@ def test_run_reports_missing_config_file(tmp_path):
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "a")])
     assert result.exit_code == 2
-    assert "no checkpoint" in result.output
+    assert "no checkpoint to export (has it done a round?)" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "nope: no such run folder" in result.output
+
+
+def test_export_of_a_folder_of_runs_names_them(tmp_path):
+    for name in ("raflora", "flexlora"):  # as `raflora demo` lays them out
+        (tmp_path / name / "checkpoints" / "round_001").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "round_001" / "state.json").write_text("{}")
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "it holds runs flexlora, raflora: export one" in " ".join(result.output.split())
+    assert not (tmp_path / "a").exists()
+
+
+def test_resume_of_a_missing_run_folder_is_refused(tmp_path):
+    args = ["run", str(ROOT / "examples" / "tiny.toml"), "--out", str(tmp_path), "--resume"]
+    result = runner.invoke(app, [*args, "--set", "run.name=typo", "--no-progress"])
+    assert result.exit_code == 2
+    assert "--resume: no run folder" in result.output and "run.name" in result.output
+    assert not (tmp_path / "typo").exists()
+
+
+def test_best_accuracy_counts_trained_rounds_only():
+    from raflora.federation.finish import final_metrics
+
+    rows = [(0, 0.60), (1, 0.40), (2, 0.55), (3, 0.50)]  # the untrained start scores highest
+    history = [
+        {"round": r, "server_accuracy": a, "server_loss": 1.0, "bytes_sent": 1, "bytes_received": 1}
+        for r, a in rows
+    ]
+    metrics = final_metrics(history)
+    assert metrics["best_accuracy"] == 0.55 and metrics["final_accuracy"] == 0.50
+    assert final_metrics(history[:1])["best_accuracy"] is None  # no trained round yet
+
+
+def test_a_one_round_energy_plot_draws_without_warnings(tmp_path):
+    import warnings
+
+    from raflora.plots import plot_partition_energy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_partition_energy({"raflora": [[0.5, 0.3, 0.2]]}, [2, 4], tmp_path / "e.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_synthetic_command_writes_results(tmp_path):
@@ -88,3 +132,6 @@ def test_synthetic_command_rejects_bad_option(tmp_path):
     result = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--fraction", "0"])
     assert result.exit_code == 2
     assert "fraction" in result.output
+    result = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--ranks", "2,x"])
+    assert result.exit_code == 2
+    assert "--ranks '2,x': comma-separated integers" in result.output

@@ -44,7 +44,7 @@ def test_shipped_examples_are_valid_and_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "field", "says"),
     [
-        ({"federation": {"methd": "raflora"}}, "federation.methd", "unknown key"),
+        ({"federation": {"methd": "raflora"}}, "federation.methd", "`raflora config` lists"),
         ({"trian": {}}, "trian", "unknown key"),
         ({"federation": {"rounds": "three"}}, "federation.rounds", "valid integer"),
         ({"federation": {"rounds": 0}}, "federation.rounds", "greater than 0"),
@@ -58,7 +58,7 @@ def test_shipped_examples_are_valid_and_round_trip(tmp_path: Path) -> None:
         ({"data": {"dirichlet_alpha": 0}}, "data.dirichlet_alpha", "greater than 0"),
         ({"data": {"dirichlet_alpha": -1.0}}, "data.dirichlet_alpha", "greater than 0"),
         ({"data": {"partition": "random"}}, "data.partition", "'iid' or 'dirichlet'"),
-        ({"model": {"path": "/no/such/model"}}, "model.path", "not an existing directory"),
+        ({"model": {"path": "/no/such/model"}}, "model.path", "'/no/such/model': not a shipped"),
         ({"model": {"lora_dropout": 1.0}}, "model.lora_dropout", "less than 1"),
         ({"federation": {"method": "fedsvd"}}, "federation.method", "unknown method 'fedsvd'"),
         ({"federation": {"fraction_train": 1.5}}, "federation.fraction_train", "less than or"),

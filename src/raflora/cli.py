@@ -83,6 +83,12 @@ def run(
     _setup(verbose)
     overrides = list(set_ or []) + ([f"run.out_dir={str(out)!r}"] if out else [])
     cfg = _config(config, overrides)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if resume and not run_dir.is_dir():
+        _fail(
+            f"--resume: no run folder {run_dir} (run.out_dir / run.name); check run.name and "
+            "--out, or drop --resume to start a new run"
+        )
     summary = _simulate(cfg, resume=resume, progress=progress)
     from raflora.report import comparison_table, load_run
 
@@ -142,6 +148,14 @@ def demo(
     )
 
 
+def _integers(option: str, text: str) -> tuple[int, ...]:
+    """``"2,4,8"`` → (2, 4, 8); a ValueError naming ``option`` otherwise."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: comma-separated integers, e.g. 2,4,8") from None
+
+
 @app.command()
 def synthetic(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/synthetic"),
@@ -166,7 +180,7 @@ def synthetic(
 
     try:
         cfg = SyntheticConfig(
-            ranks=tuple(int(r) for r in ranks.split(",")),
+            ranks=_integers("--ranks", ranks),
             rounds=rounds,
             local_steps=local_steps,
             lr=lr,

@@ -82,6 +82,8 @@ class ModelSection(_Section):
             resolve_model(path, materialize=False)
         except (OSError, RuntimeError) as error:  # name too long, unknown ~user, ...
             raise ValueError(f"{path!r} is not a usable path ({error})") from None
+        except ValueError as error:  # its message starts "model.path ...": the field says it
+            raise ValueError(str(error).removeprefix("model.path ")) from None
         return path
 
 
@@ -365,7 +367,7 @@ def _format_errors(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `raflora run --help` lists the fields)"
+            message = "unknown key (check the spelling; `raflora config` lists the fields)"
         elif "input" in item and item["type"] not in ("value_error", "missing"):
             message = f"{message} (got {item['input']!r})"
         lines.append(f"{field}: {message}")

@@ -73,7 +73,8 @@ def plot_partition_energy(
             for level in np.cumsum(target)[:-1]:
                 ax.axhline(level, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(method)
-        ax.set_xlim(x[0], x[-1])
+        if x[-1] > x[0]:  # one round: matplotlib refuses equal limits, keep its default
+            ax.set_xlim(x[0], x[-1])
         ax.set_ylim(0, 1)
         round_axis(ax)
         ax.set_ylabel("energy share")

@@ -21,9 +21,13 @@ def export_run(run_dir: Path, out_dir: Path, rank: int | None = None) -> tuple[P
     """Write the latest checkpoint's global update as a PEFT adapter: whole, or truncated to
     rank `rank` (1 ≤ rank ≤ the update's number of significant directions). Returns the
     adapter's folder and rank."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to export (has the run done a round?)")
+        runs = sorted(p.name for p in run_dir.iterdir() if latest_checkpoint(p) is not None)
+        hint = f"it holds runs {', '.join(runs)}: export one" if runs else "has it done a round?"
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export ({hint})")
     state, meta = load_checkpoint(checkpoint)
     full = global_rank(state)
     if full == 0:

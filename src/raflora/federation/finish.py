@@ -16,14 +16,17 @@ log = logging.getLogger("raflora")
 
 
 def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Last and best server accuracy, last diagnostics, bytes per round."""
+    """Last server accuracy and the best after a trained round (round 0, the untrained start,
+    does not count), last diagnostics, bytes per round."""
     evaluated = [r for r in history if r.get("server_accuracy") is not None]
     trained = [r for r in history if r["round"] > 0 and not r.get("skipped")]
     last = trained[-1] if trained else {}
     return {
         "rounds": max((r["round"] for r in history), default=0),
         "final_accuracy": evaluated[-1]["server_accuracy"] if evaluated else None,
-        "best_accuracy": max((r["server_accuracy"] for r in evaluated), default=None),
+        "best_accuracy": max(
+            (r["server_accuracy"] for r in evaluated if r["round"] > 0), default=None
+        ),
         "final_loss": evaluated[-1]["server_loss"] if evaluated else None,
         "top_rmin_energy": last.get("top_rmin_energy"),
         "effective_rank": last.get("effective_rank"),
