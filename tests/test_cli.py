@@ -135,3 +135,12 @@ def test_synthetic_command_rejects_bad_option(tmp_path):
     result = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--ranks", "2,x"])
     assert result.exit_code == 2
     assert "--ranks '2,x': comma-separated integers" in result.output
+
+
+def test_demo_outside_the_repository_says_where_its_config_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "examples/demo.toml is relative to the repository root" in output
+    assert not (tmp_path / "runs").exists()

@@ -126,6 +126,11 @@ def demo(
     """The default federated run: shipped MiniLM on Rotten Tomatoes, 8 clients with ranks
     {2, 4, 8, 16}, Dirichlet α = 0.5, raFLoRA vs FlexLoRA, then a comparison table."""
     _setup(verbose)
+    if not config.is_file():
+        _fail(
+            f"--config {str(config)!r} does not exist; the default examples/demo.toml is relative "
+            "to the repository root: run there, or pass --config PATH"
+        )
     from raflora.report import comparison_markdown, comparison_table, load_run, plot_comparison
 
     runs = []
