@@ -132,7 +132,7 @@ def test_variants_fractions_and_grid_overrides() -> None:
         ),
         (
             {"grid": [{"methods": ["raflora"], "rank_configs": ["uniform"], "fractions": [0]}]},
-            "grid.0.fractions.0: Input should be greater than 0",
+            "grid[0].fractions[0]: Input should be greater than 0",
         ),
         (
             {"grid": [{"methods": ["fedit"], "rank_configs": ["uniform"]}]},

@@ -174,10 +174,16 @@ class Suite(_Model):
 # --------------------------------------------------------------------------- loading
 
 
+def _field(loc: tuple[int | str, ...]) -> str:
+    """pydantic's location ("grid", 0, "fractions", 1) as the suite file names it:
+    ``grid[0].fractions[1]``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
 def _format(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "suite"
+        field = _field(item["loc"]) or "suite"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling)"
