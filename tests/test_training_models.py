@@ -153,6 +153,8 @@ def test_lora_model_trains_only_lora_and_the_head(tiny_bert_dir: Path) -> None:
     assert all(".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n for n in trainable)
     assert sum(".lora_A." in n for n in trainable) == 4  # 2 layers × (query, value)
     assert any("classifier.modules_to_save" in n for n in trainable)
+    saved = model.peft_config["default"].modules_to_save  # written to adapter_config.json
+    assert "classifier" in saved and len(saved) == len(set(saved))
     with torch.no_grad():  # B = 0 at init: the LoRA model computes the base function
         torch.testing.assert_close(model(**batch).logits, reference)
     with pytest.raises(ValueError, match="rank"):

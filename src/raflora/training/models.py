@@ -292,6 +292,9 @@ def build_lora_model(
         raise ValueError(f"LoRA rank must be >= 1 (got {rank})")
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(base)
+    task_type = _task_type(base)
+    if task_type == "SEQ_CLS":  # PEFT appends classifier and score itself: no duplicates
+        modules_to_save = [name for name in modules_to_save if name not in HEAD_NAMES]
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -299,7 +302,7 @@ def build_lora_model(
         lora_dropout=dropout,
         use_rslora=rslora,
         modules_to_save=list(modules_to_save) or None,
-        task_type=_task_type(base),
+        task_type=task_type,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
