@@ -144,3 +144,19 @@ def test_demo_outside_the_repository_says_where_its_config_is(tmp_path, monkeypa
     output = " ".join(result.output.split())
     assert "examples/demo.toml is relative to the repository root" in output
     assert not (tmp_path / "runs").exists()
+
+
+def test_tables_piped_or_logged_keep_their_headers_whole(capsys):
+    from rich.table import Table
+
+    from raflora.cli import _print_table
+
+    table = Table(title="runs compared")
+    titles = ["run", "final acc", "best acc", "top-r_min energy", "eff. rank", "bytes/round"]
+    for title in [*titles, "a column past eighty characters wide"]:
+        table.add_column(title)
+    table.add_row("flexlora_no_merge", "0.630", "0.643", "0.845", "3.34", "4,171,072", "x")
+    _print_table(table)  # stdout is captured: not a terminal, rich would fit it to 80 columns
+    out = capsys.readouterr().out
+    assert "top-r_min energy" in out and "flexlora_no_merge" in out and "4,171,072" in out
+    assert "a column past eighty characters wide" in out and "…" not in out

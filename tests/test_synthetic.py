@@ -124,6 +124,10 @@ def test_merge_mode_flexlora_equals_flora():
 def test_summarize(default_run):
     text = summarize(default_run[0])
     assert "raflora" in text and "flexlora" in text and "rel. error" in text
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1  # columns aligned, whatever the names
+    long = summarize({"flexlora_no_merge": default_run[0]["raflora"]}).splitlines()
+    assert long[2].startswith("flexlora_no_merge ") and len(long[0]) == len(long[2])
 
 
 @pytest.mark.parametrize(

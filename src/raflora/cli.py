@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from raflora.config import Config, ConfigError, load_config
 
@@ -46,6 +48,16 @@ def _setup(verbose: bool) -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+
+
+def _print_table(table: Table) -> None:
+    """A table whole: on a terminal at its width; piped or logged (where rich would squeeze
+    it into 80 columns and cut headers and run names) at its natural width."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(1000), table).maximum
+    Console(file=console.file, width=max(natural, console.width), soft_wrap=True).print(table)
 
 
 def _fail(message: str) -> None:
@@ -92,7 +104,7 @@ def run(
     summary = _simulate(cfg, resume=resume, progress=progress)
     from raflora.report import comparison_table, load_run
 
-    console.print(comparison_table([load_run(Path(cfg.run.out_dir) / cfg.run.name)]))
+    _print_table(comparison_table([load_run(Path(cfg.run.out_dir) / cfg.run.name)]))
     console.print(f"outputs in [bold]{Path(cfg.run.out_dir) / cfg.run.name}[/]")
     if summary.get("skipped_rounds"):
         err.print(f"[yellow]{summary['skipped_rounds']} round(s) skipped: too few valid replies[/]")
@@ -142,7 +154,7 @@ def demo(
         )
         _simulate(cfg, resume=False, progress=True)
         runs.append(load_run(out / method))
-    console.print(comparison_table(runs))
+    _print_table(comparison_table(runs))
     plots = plot_comparison(runs, out / "plots")
     (out / "comparison.md").write_text(comparison_markdown(runs) + "\n")
     console.print(f"comparison: {out / 'comparison.md'}")

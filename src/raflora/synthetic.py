@@ -416,13 +416,13 @@ def _write_csv(path: Path, results: dict, bounds: Sequence[int]) -> None:
 
 def summarize(results: dict) -> str:
     """A short table of the final round per method."""
-    header = (
-        f"{'method':<10} {'rel. error':>10} {'top-r_min energy':>17} {'target':>7} {'eff. rank':>9}"
-    )
+    w = max(len("method"), *map(len, results))  # method names: column as wide as the longest
+    columns = f"{'rel. error':>10} {'top-r_min energy':>17} {'target':>7} {'eff. rank':>9}"
+    header = f"{'method':<{w}} {columns}"
     lines = [header, "-" * len(header)]
     for method, r in results.items():
         lines.append(
-            f"{method:<10} {r['rel_error'][-1]:>10.4f} {r['top_rmin_energy'][-1]:>17.3f} "
+            f"{method:<{w}} {r['rel_error'][-1]:>10.4f} {r['top_rmin_energy'][-1]:>17.3f} "
             f"{r['target_top_rmin_energy']:>7.3f} {r['effective_rank'][-1]:>9.2f}"
         )
     return "\n".join(lines)
