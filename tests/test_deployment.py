@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.loopback import CONNECTION, Loopback, two_node_overrides
+from helpers.loopback import Loopback, two_node_overrides
 from helpers.runs import ROOT, TINY, check_run_outputs
 from raflora.config import ConfigError, load_config
 from raflora.federation.faults import failing_clients
@@ -72,16 +72,7 @@ def test_two_supernodes_two_rounds(loopback: Loopback, tiny_bert_dir: Path, tmp_
     loopback.start_superlink()
     for pid in range(2):
         loopback.start_supernode(f"partition-id={pid} num-partitions=2")
-    result = loopback.flwr(
-        "run",
-        str(ROOT / "deploy"),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        f'config-file="{TINY}" out-dir="{out_dir}" overrides="{overrides}"',
-        timeout=400,
-    )
-    context = f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}\n{loopback.logs()}"
+    result, context = loopback.run_app(out_dir, overrides, timeout=400)
     assert result.returncode == 0, context
     runs = loopback.runs()
     assert len(runs) == 1, runs
@@ -92,15 +83,7 @@ def test_two_supernodes_two_rounds(loopback: Loopback, tiny_bert_dir: Path, tmp_
     assert [r["clients"] for r in history[1:]] == [[0, 1], [0, 1]]
 
     # a bad setting fails the ServerApp: `flwr run --stream` still returns 0, `flwr ls` tells
-    result = loopback.flwr(
-        "run",
-        str(ROOT / "deploy"),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        f'config-file="{TINY}" out-dir="{out_dir}" overrides="federation.rounds=0"',
-        timeout=300,
-    )
+    result, _ = loopback.run_app(out_dir, "federation.rounds=0", timeout=300)
     failed = [run for run in loopback.runs() if run["run-id"] != runs[0]["run-id"]]
     assert len(failed) == 1 and failed[0]["status"] == "finished:failed", failed
     assert "federation.rounds" in failed[0]["status-details"] + result.stdout, failed
@@ -125,16 +108,7 @@ def test_a_clientapp_process_that_exits_fails_its_client_not_the_run(
     assert all(len(f) == 1 for f in failing) and len(set().union(*failing)) == 2  # both vanish
     loopback.start_superlink()
     nodes = [loopback.start_supernode(f"partition-id={pid} num-partitions=2") for pid in (0, 1)]
-    result = loopback.flwr(
-        "run",
-        str(ROOT / "deploy"),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        f'config-file="{TINY}" out-dir="{out_dir}" overrides="{overrides}"',
-        timeout=500,
-    )
-    context = f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}\n{loopback.logs()}"
+    result, context = loopback.run_app(out_dir, overrides, timeout=500)
     assert result.returncode == 0, context
     runs = loopback.runs()
     assert len(runs) == 1 and runs[0]["status"] == "finished:completed", f"{runs}\n{context}"

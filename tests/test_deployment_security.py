@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers.certs import make_node_key, make_tls
 from helpers.loopback import CONNECTION, Loopback, two_node_overrides
-from helpers.runs import ROOT, TINY, check_run_outputs
+from helpers.runs import check_run_outputs
 
 # --------------------------------------------------------------------------- fast
 
@@ -159,16 +159,7 @@ def test_authenticated_supernodes_train_and_unknown_ones_are_refused(
 
     out_dir = tmp_path / "runs"
     overrides = two_node_overrides(tiny_bert_dir, rounds=1, name="secure")
-    result = net.flwr(
-        "run",
-        str(ROOT / "deploy"),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        f'config-file="{TINY}" out-dir="{out_dir}" overrides="{overrides}"',
-        timeout=600,
-    )
-    context = f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}\n{net.logs()}"
+    _, context = net.run_app(out_dir, overrides, timeout=600)
     runs = net.runs()
     assert len(runs) == 1 and runs[0]["status"] == "finished:completed", f"{runs}\n{context}"
     history = check_run_outputs(out_dir / "secure", 1)

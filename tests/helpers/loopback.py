@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 from helpers.certs import Tls
+from helpers.runs import ROOT, TINY
 
 VENV_BIN = Path(sys.executable).parent
 CONNECTION = "raflora-loopback"
@@ -159,6 +160,18 @@ class Loopback:
             timeout=timeout,
             cwd=self.root,
         )
+
+    def run_app(
+        self, out_dir: Path, overrides: str, timeout: float
+    ) -> tuple[subprocess.CompletedProcess, str]:
+        """`flwr run deploy/ --stream` on examples/tiny.toml with these overrides and out-dir;
+        returns the result and the context for assertion messages (its output, every log)."""
+        run_config = f'config-file="{TINY}" out-dir="{out_dir}" overrides="{overrides}"'
+        result = self.flwr(
+            "run", str(ROOT / "deploy"), CONNECTION, "--stream", "--run-config", run_config,
+            timeout=timeout,
+        )  # fmt: skip
+        return result, f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}\n{self.logs()}"
 
     def runs(self) -> list[dict]:
         result = self.flwr("ls", CONNECTION, "--format", "json", timeout=60)
