@@ -8,13 +8,18 @@ import numpy as np
 from rich.table import Table
 
 
+def _check_sizes(n: int, num_clients: int, min_size: int) -> None:
+    """At least one client, and n examples enough for ``min_size`` each (ValueError)."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
+    if n < num_clients * min_size:
+        raise ValueError(f"{n} examples cannot give {num_clients} clients {min_size} each")
+
+
 def partition_iid(n: int, num_clients: int, seed: int, min_size: int = 1) -> list[np.ndarray]:
     """A seeded permutation of ``range(n)`` cut into ``num_clients`` near-equal sorted parts
     (sizes ⌊n/K⌋ or ⌈n/K⌉); raises ``ValueError`` when ⌊n/K⌋ < ``min_size``."""
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
-    if n < num_clients * max(min_size, 1):
-        raise ValueError(f"{n} examples cannot give {num_clients} clients {max(min_size, 1)} each")
+    _check_sizes(n, num_clients, max(min_size, 1))
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
@@ -49,14 +54,9 @@ def partition_dirichlet(
     Returns sorted, disjoint index arrays covering ``range(len(labels))``.
     """
     labels = np.asarray(labels)
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
+    _check_sizes(len(labels), num_clients, min_size)
     if alpha <= 0:
         raise ValueError(f"dirichlet alpha must be > 0 (got {alpha})")
-    if num_clients * min_size > len(labels):
-        raise ValueError(
-            f"{len(labels)} examples cannot give {num_clients} clients {min_size} each"
-        )
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         parts = _dirichlet_once(labels, num_clients, alpha, rng)
