@@ -58,7 +58,7 @@ from _common import (
     run_worker,
     table,
 )
-from raflora.federation.global_state import compress, compressed_values, decompose, stack
+from raflora.math.round import compress, compressed_values, decompose, stack
 from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
 
 RANK_SET = (4, 8, 16, 32, 64)

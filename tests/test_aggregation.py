@@ -11,15 +11,17 @@ from hypothesis import strategies as st
 from helpers.factors import make_factors
 from raflora.math import (
     aggregate,
-    aggregation,
     allocate,
     available_methods,
     partition_bounds,
     partition_weights,
-    register_method,
+    register,
 )
+from raflora.math.methods import Method, registry
+from raflora.math.methods.flexlora import flexlora
 
 METHODS = ["zeropad", "hetlora", "rblora", "flexlora", "flora", "raflora"]
+SVD_VARIANTS = ["zeropad_svd", "hetlora_svd", "rblora_svd"]
 
 
 # --------------------------------------------------------------------- dense references
@@ -292,24 +294,29 @@ def test_partition_bounds_and_weights():
 
 
 def test_registry_contents_and_unknown_method():
-    assert available_methods() == sorted(["fedit", "flexlora_nm", *METHODS])
+    assert available_methods() == sorted(["fedit", "flexlora_nm", *METHODS, *SVD_VARIANTS])
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*raflora"):
         aggregate("nope", make_factors([1]), [1])
 
 
 def test_register_rejects_duplicate_and_bad_names():
+    def spec(name, **kw):
+        return Method(name=name, summary="s", paper="p", aggregate=flexlora, **kw)
+
     with pytest.raises(ValueError, match="already registered"):
-        register_method("flexlora", aggregation.flexlora)
+        register(spec("flexlora"))
     for bad in ["FlexLoRA", "", "two words", 3]:
         with pytest.raises(ValueError, match="lower-case"):
-            register_method(bad, aggregation.flexlora)
+            register(spec(bad))
     with pytest.raises(ValueError, match="dataclass"):
-        register_method("newmethod", aggregation.flexlora, options_cls=dict)
+        register(spec("newmethod", options=dict))
+    with pytest.raises(ValueError, match="allocation"):
+        register(spec("newmethod", allocation="qr"))
 
 
 def test_register_new_method(monkeypatch):
-    monkeypatch.setattr(aggregation, "_REGISTRY", dict(aggregation._REGISTRY))
-    register_method("firstonly", lambda c, _: (c.Bs[0], c.As[0]))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register(Method("firstonly", "s", "p", lambda c, _: (c.Bs[0], c.As[0])))
     assert "firstonly" in available_methods()
     factors = make_factors([1, 2])
     B, _ = aggregate("firstonly", factors, [1, 1])
@@ -379,3 +386,26 @@ def test_cuda_device_is_kept():
     assert Br.device.type == "cuda" and Ar.device.type == "cuda"
     with pytest.raises(ValueError, match="client 1: B is on cpu"):
         aggregate("flexlora", [factors[0], (factors[1][0].cpu(), factors[1][1].cpu())], [1, 1])
+
+
+def test_readme_new_method_example_registers_and_runs(monkeypatch):
+    """The README's "Adding a method" example is real code: it registers, aggregates to its
+    formula and runs through the shared round step (the synthetic task)."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from raflora.synthetic import SyntheticConfig, run
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(# src/raflora/math/methods/rankweighted.py.*?)```", readme, re.S)
+    assert code, "README lost its 'Adding a method' example"
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    exec(compile(code.group(1), "rankweighted.py", "exec"), {})
+    factors, w = make_factors([1, 3], seed=4), [1.0, 2.0]
+    B, A = aggregate("rankweighted", factors, w)
+    q = [1 * 1 / 7, 2 * 3 / 7]  # p_k r_k / Σ, with p = (1/3, 2/3)
+    expected = sum(qk * Bk @ Ak for qk, (Bk, Ak) in zip(q, factors, strict=True))
+    np.testing.assert_allclose(B @ A, expected, atol=1e-10)
+    config = dataclasses.replace(SyntheticConfig(), rounds=2, methods=("rankweighted",))
+    assert len(run(config, None, progress=False)["rankweighted"]["rel_error"]) == 2

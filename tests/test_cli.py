@@ -21,13 +21,23 @@ def test_methods_lists_every_registered_method():
     assert result.exit_code == 0
     for method in available_methods():
         assert method in result.output
-    assert "raFLoRA: rank-partitioned aggregation" in result.output  # its docstring's first line
+    assert "raFLoRA: rank-partitioned aggregation" in result.output  # its registered summary
 
 
-def test_method_summary_is_the_docstring_head_and_rejects_unknown_names():
-    from raflora.math.aggregation import method_summary, raflora
+def test_methods_details_show_each_methods_protocol_and_options():
+    result = runner.invoke(app, ["methods", "--details"])
+    assert result.exit_code == 0
+    assert "leading r columns of the kept averaged factors" in result.output  # zeropad & co
+    assert "best rank-r truncation" in result.output  # flexlora & co
+    assert "reg_lambda=0.0005" in result.output  # hetlora's options with their defaults
+    assert "Cho, Liu" in result.output  # the HetLoRA paper's citation
 
-    assert method_summary("raflora") == raflora.__doc__.strip().splitlines()[0]
+
+def test_method_summary_is_the_registered_line_and_rejects_unknown_names():
+    from raflora.math import get_method
+    from raflora.math.methods import method_summary
+
+    assert method_summary("raflora") == get_method("raflora").summary
     with pytest.raises(ValueError, match="unknown method 'nope'; known methods"):
         method_summary("nope")
 

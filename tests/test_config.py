@@ -102,7 +102,23 @@ def test_more_ranks_than_clients() -> None:
 
 def test_fedit_needs_equal_ranks() -> None:
     message = error_of({"clients": {"ranks": [2, 4]}, "federation": {"method": "fedit"}})
-    assert "federation.method: fedit needs equal ranks" in message
+    assert "federation.method: fedit needs all clients to have the same rank" in message
+
+
+def test_raflora_partitions_below_the_largest_rank_are_refused_with_the_config() -> None:
+    """Before, this passed validation and failed at aggregation, possibly mid-run."""
+    message = error_of(
+        {"clients": {"ranks": [2, 8]}, "federation": {"options": {"partitions": [2, 4]}}}
+    )
+    assert "federation.method" in message and "below the largest client rank 8" in message
+    for method in ("raflora", "flexlora_nm"):  # flexlora_nm takes raflora's options
+        message = error_of(
+            {
+                "clients": {"ranks": [2, 8]},
+                "federation": {"method": method, "options": {"partitions": [2, 4]}},
+            }
+        )
+        assert "below the largest client rank 8" in message
     config_from_dict({"clients": {"ranks": [4]}, "federation": {"method": "fedit"}})
 
 

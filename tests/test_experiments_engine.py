@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raflora.federation.global_state import (
+from raflora.math import aggregate, get_method
+from raflora.math.diagnostics import predicted_retention
+from raflora.math.round import (
     ClientUpdate,
     GlobalState,
     RoundSettings,
@@ -16,8 +18,6 @@ from raflora.federation.global_state import (
     energy_spectrum,
     module_diagnostics,
 )
-from raflora.math import aggregate
-from raflora.math.diagnostics import predicted_retention
 
 
 def make_factors(ranks, m=9, n=7, seed=0):
@@ -94,7 +94,7 @@ def test_round_records_measured_and_predicted_retention():
     ]
     expected_c = predicted_retention(ranks, sizes)
     for method, expected in [("flexlora", expected_c), ("raflora", [1.0] * 6)]:
-        settings = RoundSettings(method, {}, "adapter", False, (2, 4, 6))
+        settings = RoundSettings.of(get_method(method), carry_over=False, bounds=(2, 4, 6))
         # Execute
         _, diag = aggregate_round(state, updates, settings)
         # Assert
@@ -110,7 +110,9 @@ def test_retention_against_dense_projection_with_trained_clients():
     state = GlobalState(round=3, adapter={"q": previous}, merged={}, dense={}, ranks={})
     updates = [_update(pid, B.shape[1], {"q": (B, A)}, 5) for pid, (B, A) in enumerate(factors)]
     _, diag = aggregate_round(
-        state, updates, RoundSettings("zeropad", {}, "adapter", False, (2, 4))
+        state,
+        updates,
+        RoundSettings.of(get_method("zeropad"), apply="adapter", carry_over=False, bounds=(2, 4)),
     )
     B, A = aggregate("zeropad", factors, [5, 5])
     U, S, Vt = previous.U.astype(float), previous.S.astype(float), previous.Vt.astype(float)
@@ -123,7 +125,9 @@ def test_first_round_and_merge_mode_have_no_retention():
     updates = [_update(pid, B.shape[1], {"q": (B, A)}, 4) for pid, (B, A) in enumerate(factors)]
     empty = GlobalState(round=0, adapter={}, merged={}, dense={}, ranks={})
     for apply in ("adapter", "merge"):
-        settings = RoundSettings("flora", {}, apply, False, (2, 4))
+        settings = RoundSettings.of(
+            get_method("flora"), apply=apply, carry_over=False, bounds=(2, 4)
+        )
         state, diag = aggregate_round(empty, updates, settings)
         assert "retention" not in diag["per_module"]["q"]
         _, diag = aggregate_round(state, updates, settings)

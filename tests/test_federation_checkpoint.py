@@ -17,7 +17,7 @@ from raflora.federation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from raflora.federation.global_state import GlobalState, StackedUpdate, compress, decompose
+from raflora.math.round import GlobalState, StackedUpdate, compress, decompose
 
 EXTRA = {"history": [{"round": 1, "server_accuracy": 0.5}], "config": {"run": {"seed": 3}}}
 

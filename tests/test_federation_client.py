@@ -172,8 +172,8 @@ def test_hetlora_pruning_lowers_every_module_to_one_rank(tiny_bert_dir: Path) ->
     config = tiny_config(
         tiny_bert_dir,
         "federation.method=hetlora",
-        "train.hetlora_prune_threshold=1e9",
-        "train.hetlora_gamma=0.5",
+        "federation.options.prune_threshold=1e9",
+        "federation.options.gamma=0.5",
     )
     rng = np.random.default_rng(0)
     factors = {
@@ -183,7 +183,7 @@ def test_hetlora_pruning_lowers_every_module_to_one_rank(tiny_bert_dir: Path) ->
         )
         for i in range(2)
     }
-    pruned = work.hetlora_prune(config, factors)
+    pruned = work.method_prune(config, factors)
     ranks = {A.shape[0] for _, A in pruned.values()} | {B.shape[1] for B, _ in pruned.values()}
     assert len(ranks) == 1 and ranks.pop() < 8
     for name, (B, A) in pruned.items():
@@ -191,4 +191,8 @@ def test_hetlora_pruning_lowers_every_module_to_one_rank(tiny_bert_dir: Path) ->
         assert np.array_equal(B, factors[name][0][:, :r]) and np.array_equal(
             A, factors[name][1][:r]
         )
-    assert work.hetlora_prune(tiny_config(tiny_bert_dir), factors) is factors
+    assert work.method_prune(tiny_config(tiny_bert_dir), factors) is factors  # raflora
+    off = tiny_config(
+        tiny_bert_dir, "federation.method=hetlora", "federation.options.prune_threshold=0"
+    )
+    assert work.method_prune(off, factors) is factors

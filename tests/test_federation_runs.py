@@ -191,8 +191,8 @@ RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
     "flora": ["federation.method=flora", "federation.apply=merge"],
     "hetlora-pruned": [  # clients shrink their rank every round
         "federation.method=hetlora",
-        "train.hetlora_prune_threshold=1e9",
-        "train.hetlora_gamma=0.5",
+        "federation.options.prune_threshold=1e9",
+        "federation.options.gamma=0.5",
     ],
     "partial": ["federation.method=flexlora", "federation.fraction_train=0.67", "run.seed=3"],
 }

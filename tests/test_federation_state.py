@@ -1,4 +1,4 @@
-"""Server math of the federation (`global_state`) against dense numpy references.
+"""The server's round step (`raflora.math.round`) against dense numpy references.
 
 Every check forms the m×n products the server never forms: the global update of a round must
 equal the method's dense formula, with carry-over and merge mode on top.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raflora.federation.global_state import (
+from raflora.math import get_method
+from raflora.math.round import (
     ClientUpdate,
     GlobalState,
     RoundSettings,
@@ -62,7 +63,9 @@ def start_state(rank: int = 0, seed: int = 99, form: str = "stacked") -> GlobalS
 
 
 def settings(method: str, bounds=(2, 4, 8), carry_over=False, apply="adapter") -> RoundSettings:
-    return RoundSettings(method, {}, apply, carry_over, tuple(bounds))
+    return RoundSettings.of(
+        get_method(method), apply=apply, carry_over=carry_over, bounds=tuple(bounds)
+    )
 
 
 def products(updates: list[ClientUpdate], name: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -158,7 +161,7 @@ def test_allocation_is_the_best_rank_r_truncation(split: str) -> None:
 
 
 def test_decompose_keeps_the_factors_the_leading_triplets_and_the_spectrum(monkeypatch) -> None:
-    from raflora.federation import global_state
+    from raflora.math import round as global_state
 
     rng = np.random.default_rng(3)
     B = rng.standard_normal((M, 9)) * np.logspace(0, -8, 9)  # the last directions are dropped
@@ -268,14 +271,14 @@ def test_carry_over_keeps_uncovered_directions_exactly(form: str) -> None:
 def test_one_svd_per_module_and_round_with_carry_over(monkeypatch) -> None:
     """The carried tail joins the aggregate before the (only) decomposition of each module,
     which keeps the federation's largest rank of triplets; no full thin SVD is taken."""
-    from raflora.federation import global_state
+    from raflora.math import round as global_state
 
     calls = []
     original = global_state.decompose
     monkeypatch.setattr(
         global_state,
         "decompose",
-        lambda B, A, top: calls.append((B.shape[1], top)) or original(B, A, top),
+        lambda B, A, top, **kw: calls.append((B.shape[1], top)) or original(B, A, top, **kw),
     )
     monkeypatch.setattr(global_state, "compress", lambda *a: pytest.fail("a full thin SVD"))
     previous = start_state(rank=10)
@@ -344,16 +347,16 @@ def test_merge_mode_accumulates_merged_updates() -> None:
 def test_merge_mode_decomposes_each_module_once_per_round(monkeypatch) -> None:
     """Round 1: D_1 = ΔW_1, one compress serves state and diagnostics; later rounds: the
     round's singular values alone (no vectors), then the compress of D_{t-1} + ΔW_t."""
-    from raflora.federation import global_state
+    from raflora.math import round as global_state
 
     calls: list[str] = []
 
     def counted(name: str):
         original = getattr(global_state, name)
 
-        def wrapper(B: np.ndarray, A: np.ndarray):
+        def wrapper(B: np.ndarray, A: np.ndarray, **kw):
             calls.append(name)
-            return original(B, A)
+            return original(B, A, **kw)
 
         return wrapper
 

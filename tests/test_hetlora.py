@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raflora.math.hetlora import prune_rank, tail_regularizer
+from raflora.math.methods.hetlora import prune_rank, tail_regularizer
 
 
 def test_tail_regularizer_value():

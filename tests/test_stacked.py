@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.factors import make_factors, signed_svd
-from raflora.math import aggregate, aggregate_allocate, aggregation, allocate, lowrank, stacked
+from raflora.math import aggregate, aggregate_allocate, allocate, lowrank, methods, stacked
+from raflora.math._arrays import validate_factors
 
 
 def dense_update(method, factors, w):
@@ -198,11 +199,11 @@ def test_bad_factors_are_named():
 
 
 def test_stacked_methods_are_registered_with_their_columns():
-    c, _ = aggregation.validate_factors(make_factors([1, 2]), [1, 3])
-    opts = aggregation.method_options("raflora")
-    assert aggregation.stacked_columns("raflora", c, opts) == [[0.25], [0.75, 1.0]]
-    assert aggregation.stacked_columns("flexlora", c, aggregation.method_options("flexlora")) == [
+    c, _ = validate_factors(make_factors([1, 2]), [1, 3])
+    opts = methods.method_options("raflora")
+    assert methods.stacked_columns("raflora", c, opts) == [[0.25], [0.75, 1.0]]
+    assert methods.stacked_columns("flexlora", c, methods.method_options("flexlora")) == [
         [0.25],
         [0.75, 0.75],
     ]
-    assert aggregation.stacked_columns("zeropad", c, None) is None
+    assert methods.stacked_columns("zeropad", c, None) is None

@@ -97,7 +97,7 @@ def test_carry_over_keeps_unsampled_directions():
     sampled_top = [max(base.ranks[k] for k in sample_clients(base, t)) for t in range(2, 13)]
     assert min(sampled_top) < 6  # the scenario happens with this seed
     kept = run(base, None, progress=False)["raflora"]
-    lost = run(dataclasses.replace(base, carry_over="none"), None, progress=False)["raflora"]
+    lost = run(dataclasses.replace(base, carry_over=False), None, progress=False)["raflora"]
     for t, top in enumerate(sampled_top, start=2):
         if top < 6:  # directions 3–6 (partition index 2) survive only with carry-over
             assert kept["partition_energy"][t - 1][2] > 0.02
@@ -114,9 +114,7 @@ def test_fedit_runs_with_equal_ranks_and_progress_bar():
 
 def test_merge_mode_flexlora_equals_flora():
     """flora and flexlora aggregate to the same product, so in merge mode they coincide."""
-    config = dataclasses.replace(
-        SMALL, methods=("flora", "flexlora"), merge_methods=("flora", "flexlora")
-    )
+    config = dataclasses.replace(SMALL, methods=("flora", "flexlora"), apply="merge")
     results = run(config, None, progress=False)
     assert results["flora"]["rel_error"] == pytest.approx(results["flexlora"]["rel_error"])
 
@@ -144,7 +142,7 @@ def test_summarize(default_run):
         ({"spectrum": "steep"}, "spectrum"),
         ({"carry_over": "some"}, "carry_over"),
         ({"methods": ("nope",)}, "methods"),
-        ({"merge_methods": ("nope",)}, "merge_methods"),
+        ({"apply": "fold"}, "apply"),
         ({"sizes": (1.0, 2.0)}, "sizes"),
         ({"decay": 0.0}, "decay"),
         ({"non_iid": -0.1}, "non_iid"),
@@ -178,7 +176,7 @@ def test_partial_participation_needs_carry_over():
     sampled client holds; without that it loses them like rblora."""
     config = SyntheticConfig(fraction=0.5, methods=("raflora", "flexlora"))
     kept = run(config, None, progress=False)
-    lost = run(dataclasses.replace(config, carry_over="none"), None, progress=False)
+    lost = run(dataclasses.replace(config, carry_over=False), None, progress=False)
     target = kept["raflora"]["target_top_rmin_energy"]
     assert abs(kept["raflora"]["top_rmin_energy"][-1] - target) < 0.05
     assert kept["raflora"]["rel_error"][-1] < 0.1 < 0.3 < lost["raflora"]["rel_error"][-1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raflora.math.hetlora import tail_regularizer
+from raflora.math.methods.hetlora import tail_regularizer
 from raflora.training.data import ChoiceExample, ImageExample, TextExample, encode_examples
 from raflora.training.factors import get_dense_trainables, get_factors, live_factors
 from raflora.training.local import choice_scores, continuation_logprobs, evaluate, train_local

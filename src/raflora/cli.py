@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -173,6 +173,14 @@ def _integers(option: str, text: str) -> tuple[int, ...]:
         raise ValueError(f"{option} {text!r}: comma-separated integers, e.g. 2,4,8") from None
 
 
+def _switch(option: str, value: str) -> bool | None:
+    """default | on | off → None | True | False (exit 2 naming the option otherwise)."""
+    choices = {"default": None, "on": True, "off": False}
+    if value not in choices:
+        _fail(f"{option}: {value!r} is not one of default, on, off")
+    return choices[value]
+
+
 @app.command()
 def synthetic(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/synthetic"),
@@ -187,7 +195,12 @@ def synthetic(
     target_rank: Annotated[int, typer.Option(help="rank of the target update")] = 16,
     spectrum: Annotated[str, typer.Option(help="flat | linear | geometric")] = "linear",
     methods: Annotated[str, typer.Option(help="methods, comma-separated (empty = all)")] = "",
-    carry_over: Annotated[str, typer.Option(help="raflora | all | none")] = "raflora",
+    carry_over: Annotated[
+        str, typer.Option(help="default (each method's own: raflora only) | on | off")
+    ] = "default",
+    apply: Annotated[
+        str, typer.Option(help="default (each method's own: flora merges) | adapter | merge")
+    ] = "default",
     seed: Annotated[int, typer.Option()] = 0,
     progress: Annotated[bool, typer.Option(help="progress bar")] = True,
 ) -> None:
@@ -206,7 +219,8 @@ def synthetic(
             target_rank=target_rank,
             spectrum=spectrum,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-            carry_over=carry_over,
+            carry_over=_switch("--carry-over", carry_over),
+            apply=None if apply == "default" else apply,
             seed=seed,
         )
     except ValueError as error:
@@ -312,13 +326,44 @@ def experiment(
         raise typer.Exit(1)
 
 
-@app.command()
-def methods() -> None:
-    """List the registered aggregation methods."""
-    from raflora.math import aggregation
+def _receives(method: Any) -> str:
+    """What a client of rank r starts a round from, in words."""
+    if method.apply == "merge":
+        return "the merged update (folded into its base) and a fresh LoRA"
+    if method.allocation == "svd":
+        return "the best rank-r truncation of the kept update (SVD)"
+    return "the leading r columns of the kept averaged factors"
 
-    for name in aggregation.available_methods():
-        console.print(f"[bold]{name:11}[/] {aggregation.method_summary(name)}")
+
+@app.command()
+def methods(
+    details: Annotated[
+        bool, typer.Option("--details", help="paper, code, protocol, defaults and options")
+    ] = False,
+) -> None:
+    """List the registered aggregation methods (with --details: their protocol and options)."""
+    import dataclasses
+
+    from raflora.math import available_methods, get_method
+
+    width = max(map(len, available_methods()))
+    for name in available_methods():
+        method = get_method(name)
+        console.print(f"[bold]{name:{width}}[/] {method.summary}", highlight=False)
+        if not details:
+            continue
+        options = [] if method.options is None else dataclasses.fields(method.options)
+        lines = [
+            f"paper: {method.paper}",
+            *([f"code: {method.code}"] if method.code else []),
+            f"client of rank r receives: {_receives(method)}",
+            f"apply: {method.apply}; carry-over by default: {method.carry_over}; "
+            f"equal ranks: {method.equal_ranks}; ranks may shrink: {method.ranks_may_shrink}",
+            f"floats per module per round: {method.wire}",
+            "options: " + (", ".join(f"{f.name}={f.default!r}" for f in options) or "none"),
+        ]
+        for line in lines:
+            console.print(f"{'':{width}}   {line}", highlight=False, soft_wrap=True)
 
 
 @app.command("config")

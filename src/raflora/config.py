@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 PositiveInt = Annotated[int, Field(gt=0)]
+DEFAULT_RANKS = (2, 4, 8)  # client ranks when the config names none (cycled over the clients)
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -143,6 +144,16 @@ class ClientsSection(_Section):
                 raise ValueError(f"tier fractions must sum to 1 (got {sum(tiers.values()):g})")
         return tiers
 
+    def known_ranks(self) -> list[int] | None:
+        """The ranks the clients can have, as far as the config alone tells (None: from the
+        memory budgets, decided with the model)."""
+        if self.rank_tiers is not None:
+            return sorted(rank for rank, share in self.rank_tiers.items() if share > 0)
+        if self.memory_budgets_mb is not None:
+            return None
+        listed = list(self.ranks or DEFAULT_RANKS)
+        return [listed[k % len(listed)] for k in range(self.num_clients)]
+
     @model_validator(mode="after")
     def _one_rank_source(self) -> ClientsSection:
         given = [
@@ -177,13 +188,15 @@ class FederationSection(_Section):
     """fewest successful replies for a round to count"""
     apply: Literal["adapter", "merge"] | None = None
     """keep the global update as the LoRA (adapter) or merge it into the base (merge); default:
-    merge for flora (as in its paper), adapter otherwise"""
+    the method's own (merge for flora, as in its paper; `raflora methods`)"""
     carry_over: bool | None = None
-    """keep uncovered directions; default: on for raflora only"""
+    """keep the directions no sampled client trained (partial participation); default: the
+    method's own (on for raflora, this project's addition; off for the baselines)"""
     split: Literal["us", "sqrt"] = "us"
     """how allocation splits singular values between B and A"""
     options: dict[str, Any] = {}
-    """method options, e.g. {weighting = "energy"} for raflora"""
+    """method options, e.g. {weighting = "energy"} for raflora, {reg_lambda = 0} for hetlora
+    (`raflora methods --options`)"""
     round_timeout_s: PositiveFloat = 3600.0
     """a round waits at most this long for replies"""
     evaluate_clients: bool = True
@@ -218,15 +231,17 @@ class FederationSection(_Section):
 
     @property
     def apply_mode(self) -> str:
-        """Apply-mode default: merge for flora (FLoRA merges each round), adapter otherwise."""
-        if self.apply is not None:
-            return self.apply
-        return "merge" if self.method == "flora" else "adapter"
+        """The apply mode: as set, else the method's own (`Method.apply`)."""
+        from raflora.math import get_method
+
+        return get_method(self.method).apply if self.apply is None else self.apply
 
     @property
     def carry_over_enabled(self) -> bool:
-        """Carry-over default: on for raflora (its natural extension), off for baselines."""
-        return self.method == "raflora" if self.carry_over is None else self.carry_over
+        """Carry-over: as set, else the method's own default (`Method.carry_over`)."""
+        from raflora.math import get_method
+
+        return get_method(self.method).carry_over if self.carry_over is None else self.carry_over
 
 
 class TrainSection(_Section):
@@ -242,12 +257,6 @@ class TrainSection(_Section):
     """AdamW weight decay"""
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
     """max grad norm (0 = off)"""
-    hetlora_lambda: Annotated[float, Field(ge=0)] = 0.0
-    """HetLoRA tail regulariser strength"""
-    hetlora_gamma: Annotated[float, Field(gt=0, lt=1)] = 0.99
-    """HetLoRA pruning ratio"""
-    hetlora_prune_threshold: Annotated[float, Field(ge=0)] = 0.0
-    """prune when tail norm below"""
     threads: Annotated[int, Field(ge=0)] = 1
     """torch threads per client (0 = torch default)"""
 
@@ -296,11 +305,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        ranks = self.clients.ranks
-        if self.federation.method == "fedit" and ranks is not None and len(set(ranks)) > 1:
-            raise ValueError(
-                f"federation.method: fedit needs equal ranks (clients.ranks: {sorted(set(ranks))})"
-            )
+        ranks = self.clients.known_ranks()
+        if ranks is not None:
+            from raflora.math import get_method, method_options
+
+            fed = self.federation
+            try:
+                get_method(fed.method).check_ranks(method_options(fed.method, **fed.options), ranks)
+            except ValueError as error:
+                raise ValueError(f"federation.method: {error}") from None
         if self.federation.min_clients > self.clients.num_clients:
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients} exceeds "
@@ -366,7 +379,12 @@ def _format_errors(error: ValidationError) -> str:
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and field.startswith("train.hetlora_"):
+            message = (
+                "HetLoRA's settings are method options now: federation.options = "
+                "{reg_lambda, gamma, prune_threshold} (`raflora methods --details`)"
+            )
+        elif item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; `raflora config` lists the fields)"
         elif "input" in item and item["type"] not in ("value_error", "missing"):
             message = f"{message} (got {item['input']!r})"

@@ -7,15 +7,15 @@ steps on its factors B (m, r_k), A (r_k, n),
 
     L_k(B, A) = ½ E‖(W_base + B A − W*) x‖² = ½ ‖(W_base + B A − W*) Σ_k^{1/2}‖_F².
 
-Each round the server aggregates the sampled clients with one registered method into global
-factors (B_g, A_g) and allocates every client its rank by truncated SVD
-(``allocate(B_g, A_g, ranks)``: B = U_r S_r, A = V_rᵀ); round 1 starts from LoRA's init
-(B = 0, A random). Every method gets the same targets, client sampling, initial factors,
-local steps and allocation; only the aggregation differs. Methods in ``merge_methods`` (by
-default ``flora``, as its paper intends) instead merge each round's aggregate into W_base, and
-their clients restart from LoRA's init every round. With partial participation, raFLoRA keeps
-the directions of the global update that no sampled client holds (``carry_over``), as the
-federated engine does; the baselines stay as published unless ``carry_over="all"``.
+Each round the server runs the same round step as the federated engine
+(:func:`raflora.math.round.aggregate_round`) with each method's own protocol: what it keeps,
+what a client of rank r starts from (the best rank-r truncation, or the leading r columns of
+the averaged factors; columns beyond what the server has are LoRA-initialised), whether it
+merges into the base (FLoRA: clients restart from LoRA's init every round) and whether it
+carries the directions no sampled client holds (``carry_over``: None = the method's default,
+on for raflora only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
+same targets, client sampling, initial factors and local steps. Client-side hooks (HetLoRA's
+regulariser and self-pruning) are not modelled here: the task compares the server protocols.
 
 The mechanism: with rank-agnostic averaging, direction i of the global update comes back only
 from the clients allocated it (r_k ≥ i), so each round keeps a share c_i = Σ_{r_k ≥ i} p_k of
@@ -46,19 +46,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raflora.math import aggregate, available_methods, factored_svd, partition_bounds, truncate
+from raflora.math import available_methods, get_method, partition_bounds
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
     predicted_retention,
     top_energy,
 )
+from raflora.math.round import ClientUpdate, GlobalState, RoundSettings, aggregate_round
 from raflora.plots import plot_partition_energy, plot_series
 
 log = logging.getLogger(__name__)
 
 SPECTRA = ("flat", "linear", "geometric")
-CARRY_OVER = ("raflora", "all", "none")
+APPLY = ("adapter", "merge")
+MODULE = "w"  # the synthetic task's one adapted matrix
 Factors = tuple[Tensor, Tensor]  # (m, r), (r, n), float64
 
 
@@ -79,13 +81,13 @@ class SyntheticConfig:
     lr: float = 0.1  # local learning rate
     fraction: float = 1.0  # share of clients sampled each round (at least one)
     methods: tuple[str, ...] = ()  # methods to compare; empty = all registered
-    carry_over: str = "raflora"  # who keeps the global directions (top sampled rank, r_max]
-    # when no sampled client holds them (partial participation): "raflora", "all" or "none"
-    merge_methods: tuple[str, ...] = ("flora",)  # merged into the base each round (FLoRA style)
+    carry_over: bool | None = None  # keep the directions (top sampled rank, r_max] no sampled
+    # client holds (partial participation); None: each method's default (raflora only)
+    apply: str | None = None  # "adapter" | "merge" for every method; None: each method's own
     seed: int = 0  # seeds the target, client data, sampling and LoRA inits
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "methods", "merge_methods"):
+        for name in ("ranks", "methods"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.sizes is not None:
             object.__setattr__(self, "sizes", tuple(float(s) for s in self.sizes))
@@ -103,7 +105,10 @@ class SyntheticConfig:
         ):
             raise ValueError("sizes must give one non-negative size per client, not all zero")
         _check_choice("spectrum", self.spectrum, SPECTRA)
-        _check_choice("carry_over", self.carry_over, CARRY_OVER)
+        if self.carry_over not in (None, True, False):
+            raise ValueError(f"carry_over: {self.carry_over!r} must be true, false or unset")
+        if self.apply is not None:
+            _check_choice("apply", self.apply, APPLY)
         for name, value, ok, allowed in [
             ("decay", self.decay, 0 < self.decay <= 1, "in (0, 1]"),
             ("non_iid", self.non_iid, self.non_iid >= 0, "≥ 0"),
@@ -112,9 +117,8 @@ class SyntheticConfig:
         ]:
             if not ok:
                 raise ValueError(f"{name} = {value!r} must be {allowed}")
-        for name in ("methods", "merge_methods"):
-            for method in getattr(self, name):
-                _check_choice(name, method, tuple(available_methods()))
+        for method in self.methods:
+            _check_choice("methods", method, tuple(available_methods()))
 
     @property
     def client_sizes(self) -> tuple[float, ...]:
@@ -198,51 +202,29 @@ def local_train(
 # --------------------------------------------------------------------------- one method
 
 
-def _client_starts(
-    config: SyntheticConfig, global_: Factors | None, clients: Sequence[int], round_: int
-) -> list[Factors]:
-    """Allocate each client its rank from one SVD of the global update (LoRA init if absent).
-
-    A client whose rank exceeds the global update's available rank gets the available
-    directions plus LoRA-initialised extra ones (B columns 0, A rows random).
-    """
-    if global_ is None:
-        return [lora_init(config, config.ranks[k], round_, k) for k in clients]
-    U, S, Vt = factored_svd(*global_)
-    starts = []
-    for k in clients:
-        r = config.ranks[k]
-        B, A = truncate(U, S, Vt, min(r, len(S)))
-        if r > len(S):
-            B0, A0 = lora_init(config, r - len(S), round_, k)
-            B, A = torch.cat([B, B0], dim=1), torch.cat([A, A0], dim=0)
-        starts.append((B, A))
-    return starts
+def _client_start(
+    config: SyntheticConfig, state: GlobalState, settings: RoundSettings, k: int, round_: int
+) -> Factors:
+    """Client k's start: the method's allocation of the kept update (LoRA init if absent),
+    with LoRA-initialised extra directions where the update has fewer than r_k."""
+    r = config.ranks[k]
+    if not state.adapter:
+        return lora_init(config, r, round_, k)
+    B, A = state.client_payload(r, "us", settings.method.allocation)[MODULE]
+    B, A = torch.from_numpy(np.asarray(B, np.float64)), torch.from_numpy(np.asarray(A, np.float64))
+    if B.shape[1] < r:
+        B0, A0 = lora_init(config, r - B.shape[1], round_, k)
+        B, A = torch.cat([B, B0], dim=1), torch.cat([A, A0], dim=0)
+    return B, A
 
 
-def _carried(global_: Factors | None, top: int, r_max: int) -> Factors | None:
-    """Directions (top, r_max] of the previous global update, kept when no client held them."""
-    if global_ is None or top >= r_max:
-        return None
-    U, S, Vt = factored_svd(*global_)
-    hi = min(r_max, len(S))
-    if hi <= top:
-        return None
-    return U[:, top:hi] * S[top:hi], Vt[top:hi]  # (m, d), (d, n)
-
-
-def _concat(*parts: Factors | None) -> Factors:
-    present = [p for p in parts if p is not None]
-    return torch.cat([p[0] for p in present], dim=1), torch.cat([p[1] for p in present], dim=0)
-
-
-def _compress(g: Factors) -> Factors:
-    """Exact re-factorisation when the stacked rank exceeds min(m, n)."""
-    k = min(g[0].shape[0], g[1].shape[1])
-    if g[0].shape[1] <= k:
-        return g
-    U, S, Vt = factored_svd(*g)
-    return truncate(U, S, Vt, k)
+def _product(state: GlobalState) -> Tensor | float:
+    """The global update B A (m, n) the state defines, or 0 before the first round."""
+    total = state.total_update()
+    if not total:
+        return 0.0
+    B, A = total[MODULE].whole()
+    return torch.from_numpy(np.asarray(B, np.float64) @ np.asarray(A, np.float64))
 
 
 def sample_clients(config: SyntheticConfig, round_: int) -> list[int]:
@@ -255,30 +237,33 @@ def sample_clients(config: SyntheticConfig, round_: int) -> list[int]:
 
 
 def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: None) -> dict:
-    """All rounds of one method; per-round metrics of the global update."""
-    r_min, r_max = min(config.ranks), max(config.ranks)
+    """All rounds of one method through the shared round step; per-round metrics."""
+    r_min = min(config.ranks)
     bounds = partition_bounds(config.ranks)
-    carry = config.carry_over == "all" or config.carry_over == method
-    merge = method in config.merge_methods
+    settings = RoundSettings.of(
+        get_method(method),
+        apply=config.apply,
+        carry_over=config.carry_over,
+        bounds=tuple(bounds),
+        dtype=np.float64,
+    )
+    merge = settings.apply == "merge"
     target_norm = torch.linalg.norm(task.target)
-    global_: Factors | None = None
+    state = GlobalState(round=0, adapter={}, merged={}, dense={}, ranks={})
     out: dict[str, list] = {k: [] for k in ("round", "rel_error", "top_rmin_energy")}
     out.update(partition_energy=[], effective_rank=[])
     for t in range(1, config.rounds + 1):
         clients = sample_clients(config, t)
-        starts = _client_starts(config, None if merge else global_, clients, t)
-        base = global_[0] @ global_[1] if merge and global_ is not None else 0.0
-        trained = [
-            local_train(B, A, base, task, k, config)
-            for k, (B, A) in zip(clients, starts, strict=True)
-        ]
-        new = aggregate(method, trained, [config.client_sizes[k] for k in clients])
-        if merge:
-            new = _concat(global_, new)
-        elif carry:
-            new = _concat(new, _carried(global_, max(config.ranks[k] for k in clients), r_max))
-        global_ = _compress(new)
-        update = global_[0] @ global_[1]  # (m, n): small enough to form here
+        base = _product(state) if merge else 0.0
+        updates = []
+        for k in clients:
+            start = lora_init(config, config.ranks[k], t, k) if merge else None
+            B, A = start or _client_start(config, state, settings, k, t)
+            B, A = local_train(B, A, base, task, k, config)
+            factors = {MODULE: (B.numpy(), A.numpy())}
+            updates.append(ClientUpdate(k, config.ranks[k], config.client_sizes[k], factors))
+        state, _ = aggregate_round(state, updates, settings)
+        update = _product(state)  # (m, n): small enough to form here
         sigma = torch.linalg.svdvals(update)  # (min(m, n),)
         error = torch.linalg.norm(update - task.target) / target_norm
         out["round"].append(t)
@@ -299,8 +284,12 @@ def methods_to_run(config: SyntheticConfig) -> tuple[list[str], dict[str, str]]:
     """The methods to compare and the ones skipped, with the reason."""
     requested = list(config.methods) or available_methods()
     skipped = {}
-    if "fedit" in requested and len(set(config.ranks)) > 1:
-        skipped["fedit"] = "fedit needs equal client ranks; these ranks differ"
+    for name in requested:
+        method = get_method(name)
+        try:
+            method.check_ranks(method.build_options(), config.ranks)
+        except ValueError as error:
+            skipped[name] = str(error)
     return [m for m in requested if m not in skipped], skipped
 
 
@@ -383,7 +372,7 @@ def write_outputs(
         "notes": {
             m: "merged into the base each round; clients restart from LoRA init"
             for m in results
-            if m in config.merge_methods
+            if (config.apply or get_method(m).apply) == "merge"
         },
         "wall_time_s": round(wall_s, 3),
     }

@@ -31,6 +31,7 @@ from raflora.experiments.results import (
     series,
 )
 from raflora.experiments.suite import Cell, Plan
+from raflora.math import get_method
 from raflora.report import COLUMNS  # key, title, format: the same columns as `raflora run`
 
 
@@ -176,17 +177,20 @@ class ReportWriter:
                 path = figures.plot_sensitivity(points, configs, self.plots / f"{slug}.png", title)
                 self.image(path, "final accuracy vs rank configuration")
 
+    def _retention(self, label: str) -> str | None:
+        """The predicted retention of a method label's aggregation (`Method.retention`)."""
+        return get_method(self.plan.suite.variant(label).method).retention
+
     def retention_section(self) -> None:
         """c_i vs measured, for the first heterogeneous setting with a FlexLoRA run."""
         for cell in self.plan.cells:
             ranks = self.plan.suite.rank_configs[cell.rank_config]
-            if self.plan.suite.variant(cell.method).method != "flexlora" or len(set(ranks)) < 2:
+            if self._retention(cell.method) != "c_i" or len(set(ranks)) < 2:
                 continue
             same = [
                 c
                 for c in self.plan.cells
-                if c.setting == cell.setting
-                and self.plan.suite.variant(c.method).method in ("flexlora", "raflora")
+                if c.setting == cell.setting and self._retention(c.method) is not None
             ]
             same = list({c.run_id: c for c in same}.values())  # a run shared by grids: once
             measured, predicted = {}, []

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from raflora.federation.global_state import GlobalState, StackedUpdate, SVDUpdate, Update
+from raflora.math.round import GlobalState, StackedUpdate, SVDUpdate, Update
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: adapter updates stored as a thin SVD (U, S, Vt) only

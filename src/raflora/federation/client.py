@@ -22,7 +22,6 @@ from torch import nn
 
 from raflora.config import Config
 from raflora.federation import task
-from raflora.math.hetlora import prune_rank
 from raflora.training import (
     configure_threads,
     evaluate,
@@ -165,16 +164,10 @@ def _numpy(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, F
     return {name: (B.numpy(), A.numpy()) for name, (B, A) in factors.items()}
 
 
-def hetlora_prune(config: Config, factors: dict[str, Factors]) -> dict[str, Factors]:
-    """HetLoRA self-pruning: the client's new rank is the largest any module still needs."""
-    train = config.train
-    if config.federation.method != "hetlora" or train.hetlora_prune_threshold == 0:
-        return factors
-    new_rank = max(
-        prune_rank(B, A, train.hetlora_gamma, train.hetlora_prune_threshold)
-        for B, A in factors.values()
-    )
-    return {name: (B[:, :new_rank].copy(), A[:new_rank].copy()) for name, (B, A) in factors.items()}
+def method_prune(config: Config, factors: dict[str, Factors]) -> dict[str, Factors]:
+    """What the client sends after training: the method's own choice (HetLoRA self-prunes)."""
+    method, options = task.method_options(config)
+    return method.prune(options, factors)
 
 
 def train_round(
@@ -201,9 +194,9 @@ def train_round(
         weight_decay=train.weight_decay,
         grad_clip=train.grad_clip,
         seed=seed,
-        regularizer=task.hetlora_regularizer(config),
+        regularizer=task.method_regularizer(config),
     )
-    factors = hetlora_prune(config, _numpy(get_factors(model)))
+    factors = method_prune(config, _numpy(get_factors(model)))
     new_dense = {name: t.numpy() for name, t in get_dense_trainables(model).items()}
     metrics = {
         "num-examples": ctx.data.num_examples,

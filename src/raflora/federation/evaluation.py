@@ -18,7 +18,7 @@ from torch import nn
 
 from raflora.config import Config
 from raflora.federation import task
-from raflora.federation.global_state import GlobalState
+from raflora.math.round import GlobalState
 from raflora.training import (
     evaluate,
     get_dense_trainables,

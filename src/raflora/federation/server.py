@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from raflora.config import Config, ConfigError
@@ -23,11 +23,12 @@ from raflora.federation import messages as msg
 from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
-from raflora.federation.global_state import GlobalState
 from raflora.federation.outputs import write_config, write_metrics
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.validation import Expectation
+from raflora.math.methods import get_method
+from raflora.math.round import GlobalState
 from raflora.training import partition_table
 
 log = logging.getLogger("raflora")
@@ -225,7 +226,7 @@ class FederatedRun:
             dense=evaluator.dense_shapes(evaluator.initial_state()),
             max_norm=config.federation.max_update_norm,
             norm_policy=config.federation.norm_policy,
-            allow_lower_rank=config.federation.method == "hetlora",
+            allow_lower_rank=get_method(config.federation.method).ranks_may_shrink,
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)
@@ -251,14 +252,12 @@ class FederatedRun:
     def _round(self, grid, strategy, evaluator, server_round: int, last: int) -> None:
         config, start = self.config, time.perf_counter()
         timeout = config.federation.round_timeout_s
-        messages = list(
-            strategy.configure_train(server_round, strategy.arrays(), ConfigRecord(), grid)
-        )
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         self.reporter.round_started(server_round, len(messages))
         replies = exchange(grid, messages, timeout, self.reporter.client_done)
         strategy.aggregate_train(server_round, replies)
         evaluations = list(
-            strategy.configure_evaluate(server_round, strategy.arrays(), ConfigRecord(), grid)
+            strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
         )
         strategy.aggregate_evaluate(
             server_round, exchange(grid, evaluations, timeout, lambda: None)

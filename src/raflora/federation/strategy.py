@@ -1,16 +1,16 @@
-"""Flower strategy for heterogeneous-rank LoRA: allocate by SVD, aggregate by registry method.
+"""Flower strategy for heterogeneous-rank LoRA: every protocol detail comes from the method.
 
-Each round, for every sampled client k of rank r_k the strategy sends the best rank-r_k share
-of the global update (a slice of its leading SVD, one decomposition per module per round),
-receives the trained factors ``B_k (m, r_k)``, ``A_k (r_k, n)`` (LoRA scaling folded in) and
-``num-examples``, validates them, and aggregates with the configured method of
-`raflora.math.aggregate` (see `global_state.aggregate_round`). FedAvg's aggregation cannot be
-used: client arrays differ in shape.
+Each round, for every sampled client k of rank r_k the strategy sends what the run's method
+hands a client of that rank (`raflora.math.methods`: the best rank-r_k truncation of the kept
+update, or the leading r_k columns of the kept averaged factors, or nothing but the merged
+update), receives the trained factors ``B_k (m, r_k)``, ``A_k (r_k, n)`` (LoRA scaling folded
+in) and ``num-examples``, validates them, and runs the round step
+(`raflora.math.round.aggregate_round`). FedAvg's aggregation cannot be used: client arrays
+differ in shape.
 
 The global state lives in the strategy; the ``arrays`` argument of the Flower hooks is not read
-(it is whatever `arrays()` last returned). Clients are known by partition id: Flower node ids
-change from run to run, partition ids do not, which keeps sampling and resumption
-reproducible.
+(it is handed an empty record). Clients are known by partition id: Flower node ids change from
+run to run, partition ids do not, which keeps sampling and resumption reproducible.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from flwr.serverapp.strategy import Strategy
 
 from raflora.config import Config
 from raflora.federation import messages as msg
-from raflora.federation.global_state import (
+from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+from raflora.math.methods import get_method
+from raflora.math.round import (
     ClientUpdate,
     GlobalState,
     RoundSettings,
     aggregate_round,
 )
-from raflora.federation.validation import Expectation, RejectedUpdate, check_update
 from raflora.training import torch_threads
 
 log = logging.getLogger("raflora")
@@ -116,12 +117,9 @@ class HeteroRankStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}  # partition id → node
         self.current: RoundLog = RoundLog(round=state.round)
         fed = config.federation
-        self.settings = RoundSettings(
-            method=fed.method,
-            options=dict(fed.options),
-            apply=fed.apply_mode,
-            carry_over=fed.carry_over_enabled,
-            bounds=(1,),
+        self.method = get_method(fed.method)
+        self.settings = RoundSettings.of(
+            self.method, dict(fed.options), apply=fed.apply, carry_over=fed.carry_over
         )
 
     # ------------------------------------------------------------------ nodes and sampling
@@ -139,6 +137,7 @@ class HeteroRankStrategy(Strategy):
                 node.node_id, node.partition_id, rank, node.num_examples
             )
         ranks = {node.rank for node in nodes}
+        self.method.check_ranks(self.settings.options, sorted(ranks))
         self.settings = replace(self.settings, bounds=tuple(sorted(ranks)))
 
     def sample(self, server_round: int) -> list[int]:
@@ -154,7 +153,8 @@ class HeteroRankStrategy(Strategy):
     # ------------------------------------------------------------------ messages
     def _payload(self, partition_id: int) -> ArrayRecord:
         rank = self.rank_of(partition_id)
-        lora = self.state.client_payload(rank, self.config.federation.split)
+        allocation = self.method.allocation
+        lora = self.state.client_payload(rank, self.config.federation.split, allocation)
         merged = {name: update.factors() for name, update in self.state.merged.items()}
         return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
 
@@ -180,11 +180,6 @@ class HeteroRankStrategy(Strategy):
             ttl = self.config.federation.round_timeout_s + 60.0
             out.append(Message(content, node, kind, group_id=str(server_round), ttl=ttl))
         return out
-
-    def arrays(self) -> ArrayRecord:
-        """The global update as the record a rank-r_max client would receive."""
-        top = max((n.rank for n in self.nodes.values()), default=1)
-        return msg.pack(lora=self.state.client_payload(top, self.config.federation.split))
 
     # ------------------------------------------------------------------ Flower hooks
     def configure_train(
@@ -276,9 +271,7 @@ class HeteroRankStrategy(Strategy):
             [(u.metrics.get(msg.TRAIN_LOSS, float("nan")), u.num_examples) for u in updates]
         )
         total = sum(u.num_examples for u in updates)
-        return self.arrays(), MetricRecord(
-            {"num-examples": total, "train-loss": self.current.train_loss}
-        )
+        return None, MetricRecord({"num-examples": total, "train-loss": self.current.train_loss})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -316,8 +309,8 @@ class HeteroRankStrategy(Strategy):
             "HeteroRankStrategy(method=%s, options=%s, apply=%s, carry_over=%s, fraction=%s, "
             "min_clients=%d, clients=%d, ranks=%s)",
             fed.method,
-            fed.options,
-            fed.apply_mode,
+            self.settings.options,
+            self.settings.apply,
             self.settings.carry_over,
             fed.fraction_train,
             fed.min_clients,

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from raflora.config import Config
-from raflora.math.hetlora import tail_regularizer
+from raflora.config import DEFAULT_RANKS, Config
+from raflora.math import get_method
 from raflora.training import (
     TaskData,
     build_lora_model,
@@ -34,8 +34,6 @@ from raflora.training import (
     take,
 )
 from raflora.training.ranks import base_memory_mb
-
-DEFAULT_RANKS = (2, 4, 8)
 
 
 def derived_seed(seed: int, *parts: int | str) -> int:
@@ -149,15 +147,22 @@ def encode(config: Config, examples: list, tokenizer: Any, base: nn.Module) -> A
     )
 
 
-def hetlora_regularizer(config: Config) -> Any:
-    """HetLoRA's tail penalty ``λ Σ_modules ‖B[:, γr:]‖·‖A[γr:, :]‖``, or None when λ = 0."""
-    strength, gamma = config.train.hetlora_lambda, config.train.hetlora_gamma
-    if config.federation.method != "hetlora" or strength == 0:
+def method_options(config: Config) -> Any:
+    """The run's method and its validated options."""
+    method = get_method(config.federation.method)
+    return method, method.build_options(**config.federation.options)
+
+
+def method_regularizer(config: Config) -> Any:
+    """The method's client-side penalty summed over modules, ``Σ_modules term(B, A)`` (e.g.
+    HetLoRA's ``λ ‖B[:, γr:]‖·‖A[γr:, :]‖``), or None when the method adds none."""
+    method, options = method_options(config)
+    term = method.penalty(options)
+    if term is None:
         return None
 
     def penalty(model: nn.Module) -> Any:
-        terms = [tail_regularizer(B, A, gamma) for B, A in live_factors(model).values()]
-        return strength * sum(terms)
+        return sum(term(B, A) for B, A in live_factors(model).values())
 
     return penalty
 

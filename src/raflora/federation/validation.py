@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raflora.federation.global_state import ClientUpdate, Factors
 from raflora.math import factored_norm
+from raflora.math.round import ClientUpdate, Factors
 
 
 class RejectedUpdate(ValueError):

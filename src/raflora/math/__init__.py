@@ -1,20 +1,12 @@
 """raflora's math layer: pure numpy/torch, no I/O.
 
 - :mod:`~raflora.math.lowrank`: factored SVD of B @ A, Eckart–Young allocation to any ranks.
-- :mod:`~raflora.math.aggregation`: the aggregation methods, their registry and `aggregate`.
+- :mod:`~raflora.math.methods`: one module per aggregation method, the registry, `aggregate`.
+- :mod:`~raflora.math.round`: the server's round step (aggregate, keep, allocate, diagnostics).
 - :mod:`~raflora.math.stacked`: `aggregate_allocate`, both in one pass without the stack.
 - :mod:`~raflora.math.diagnostics`: spectrum-based rank-collapse diagnostics.
-- :mod:`~raflora.math.hetlora`: HetLoRA's client-side rank self-pruning.
 """
 
-from raflora.math.aggregation import (
-    aggregate,
-    available_methods,
-    method_options,
-    partition_bounds,
-    partition_weights,
-    register_method,
-)
 from raflora.math.lowrank import (
     allocate,
     factored_norm,
@@ -25,6 +17,15 @@ from raflora.math.lowrank import (
     spectrum,
     truncate,
 )
+from raflora.math.methods import (
+    aggregate,
+    available_methods,
+    get_method,
+    method_options,
+    partition_bounds,
+    partition_weights,
+    register,
+)
 from raflora.math.stacked import aggregate_allocate
 
 __all__ = [
@@ -34,11 +35,12 @@ __all__ = [
     "available_methods",
     "factored_norm",
     "factored_svd",
+    "get_method",
     "leading_svd",
     "method_options",
     "partition_bounds",
     "partition_weights",
-    "register_method",
+    "register",
     "significant_svd",
     "significant_values",
     "spectrum",

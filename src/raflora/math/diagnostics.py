@@ -23,8 +23,8 @@ import numpy as np
 from torch import Tensor
 
 from raflora.math._arrays import check_bounds, check_ranks, normalise_weights
-from raflora.math.aggregation import partition_bounds
 from raflora.math.lowrank import spectrum
+from raflora.math.methods._common import partition_bounds
 
 __all__ = [
     "effective_rank",

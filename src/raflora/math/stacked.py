@@ -30,7 +30,6 @@ from torch import Tensor
 
 from raflora.math import lowrank
 from raflora.math._arrays import Clients, validate_factors
-from raflora.math.aggregation import _stacked, method_options, run_method, stacked_columns
 from raflora.math.lowrank import (
     SPLITS,
     _cholesky_of_gram,
@@ -42,6 +41,8 @@ from raflora.math.lowrank import (
     rank_list,
     shares,
 )
+from raflora.math.methods import method_options, run_method, stacked_columns
+from raflora.math.methods._common import stacked as _stacked
 
 BLOCK_BYTES = 4 << 20  # one assembled block of B rows or A columns: about 4 MiB
 
@@ -136,7 +137,7 @@ def aggregate_allocate(
     For a method registered with column weights (flexlora, flora, raflora) the stacked global
     factors are never formed (see the module docstring); any other method, or a stack with
     R = Σ r_k ≥ min(m, n), aggregates and allocates as usual. Arguments and results are those
-    of :func:`~raflora.math.aggregation.aggregate` and :func:`~raflora.math.lowrank.allocate`.
+    of :func:`~raflora.math.methods.aggregate` and :func:`~raflora.math.lowrank.allocate`.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")

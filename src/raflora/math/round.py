@@ -1,11 +1,18 @@
-"""Server-side state of a heterogeneous-rank LoRA federation, independent of Flower.
+"""The server's round step of a heterogeneous-rank LoRA federation, independent of Flower.
 
-Per target module the server keeps an update ``ΔW`` (m×n, never formed) with its leading thin
-SVD. Allocating rank ``r`` to a client is a slice of it: ``B_r = U_r S_r``, ``A_r = V_rᵀ``
-(split "us", FlexLoRA) or ``U_r √S_r``, ``√S_r V_rᵀ`` (split "sqrt"). Two forms:
+:func:`aggregate_round` is the one round step (aggregate with the run's method, keep, carry
+over, diagnostics) used by the Flower strategy, the synthetic task and the benchmarks.
 
-- :class:`StackedUpdate` (adapter mode): the round's stacked factors ``B (m, R)``, ``A (R, n)``,
-  ``R ≤ Σ_k r_k`` (+ the carried tail), whose product is the update, plus its first
+Per target module the server keeps an update ``ΔW`` (m×n, never formed) as factors with its
+leading thin SVD. What a client of rank ``r`` starts from is the method's ``allocation``:
+``"svd"``, the best rank-r truncation ``B_r = U_r S_r``, ``A_r = V_rᵀ`` (split "us", FlexLoRA)
+or ``U_r √S_r``, ``√S_r V_rᵀ`` (split "sqrt"); or ``"slice"``, the leading columns of the kept
+factors ``B[:, :r]``, ``A[:r, :]`` (factor-averaging methods: FedIT, zero-padding, HetLoRA,
+RB-LoRA keep the averaged padded factors B̄ (m, r_max), Ā (r_max, n)). Two forms:
+
+- :class:`StackedUpdate` (adapter mode): the round's global factors ``B (m, R)``, ``A (R, n)``
+  (stacked, ``R ≤ Σ_k r_k``, or averaged padded factors, ``R = r_max``; + the carried tail),
+  whose product is the update, plus its first
   ``t = r_cap`` singular triplets and every significant singular value, all from one R×R
   eigendecomposition (:func:`decompose`, `leading_svd`): the cost of FlexLoRA's allocation.
 - :class:`SVDUpdate` (merge mode, whose merged sum keeps growing, and checkpoints of earlier
@@ -21,17 +28,19 @@ Two ways to apply the aggregate of a round (DESIGN.md):
 Carry-over (adapter mode): when the largest sampled rank ``r_s`` is below the largest rank in
 the federation ``r_cap``, directions ``(r_s, r_cap]`` of the previous global update are trained
 by nobody this round. With carry-over they are kept unchanged, ``ΔW_t = agg_t + U_{(r_s,r_cap]}
-S V_{(r_s,r_cap]}ᵀ``: the natural extension of "a partition is averaged over the clients that
+S V_{(r_s,r_cap]}ᵀ`` (slice allocation: the kept factors' columns ``(r_s, r_cap]``): the
+natural extension of "a partition is averaged over the clients that
 cover it" (here: none, so it keeps its value). Without it they vanish, as in the baselines.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from raflora.math import aggregate, leading_svd, significant_svd, significant_values
+from raflora.math._arrays import validate_factors
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -39,6 +48,8 @@ from raflora.math.diagnostics import (
     stable_rank,
     top_energy,
 )
+from raflora.math.lowrank import leading_svd, significant_svd, significant_values
+from raflora.math.methods import Method
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
 
@@ -129,6 +140,11 @@ class StackedUpdate(_Triplets):
         """Factors whose product is the whole update: ``(B, A)``, R columns."""
         return self.B, self.A
 
+    def columns(self, start: int, stop: int) -> Factors:
+        """The kept factors' columns ``(start, stop]``: ``B[:, start:stop]``, ``A[start:stop]``
+        (slice allocation: what a client of rank ``stop`` gets beyond rank ``start``)."""
+        return self.B[:, start:stop].copy(), self.A[start:stop].copy()
+
 
 Update = SVDUpdate | StackedUpdate
 
@@ -201,13 +217,23 @@ class GlobalState:
     dense: dict[str, np.ndarray]  # non-LoRA trainables (classifier head), FedAvg'ed
     ranks: dict[int, int]  # partition-id → rank the client trains next (HetLoRA may prune)
 
-    def client_payload(self, rank: int, split: str) -> dict[str, Factors]:
-        """The factors a client of rank `rank` starts from (adapter mode; empty otherwise)."""
+    def client_payload(self, rank: int, split: str, allocation: str = "svd") -> dict[str, Factors]:
+        """The factors a client of rank `rank` starts from (adapter mode; empty otherwise):
+        the best rank-r truncation (``"svd"``) or the kept factors' first r columns
+        (``"slice"``, at most as many as are kept; the client initialises the rest)."""
+        if allocation == "slice":
+            return {name: _leading_columns(u, rank) for name, u in self.adapter.items()}
         return {name: update.factors(rank, split) for name, update in self.adapter.items()}
 
     def total_update(self) -> dict[str, Update]:
         """The update that defines the global model: adapter, or the merged sum."""
         return self.adapter if self.adapter else self.merged
+
+
+def _leading_columns(update: Update, rank: int) -> Factors:
+    """``B[:, :r]``, ``A[:r]`` of the kept factors (``U S``, ``Vt`` for a thin SVD)."""
+    B, A = update.whole()
+    return B[:, :rank].copy(), A[:rank].copy()
 
 
 def weighted_dense_average(updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
@@ -277,15 +303,58 @@ def summarize_modules(per_module: dict[str, dict]) -> dict[str, float | list[flo
 
 @dataclass(frozen=True)
 class RoundSettings:
-    method: str
-    options: dict
+    method: Method
+    options: Any  # the method's validated options (``method.build_options(...)``)
     apply: str  # "adapter" | "merge"
     carry_over: bool
     bounds: tuple[int, ...]  # the federation's distinct ranks ρ_1 < … < ρ_M (r_cap = ρ_M)
+    dtype: type = np.float32  # what the kept update is stored in (decomposed in float64)
 
     @property
     def max_rank(self) -> int:
         return self.bounds[-1]
+
+    @classmethod
+    def of(
+        cls,
+        method: Method,
+        options: dict | None = None,
+        *,
+        apply: str | None = None,
+        carry_over: bool | None = None,
+        bounds: tuple[int, ...] = (1,),
+        dtype: type = np.float32,
+    ) -> RoundSettings:
+        """Settings with the method's own defaults for what is not given."""
+        return cls(
+            method=method,
+            options=method.build_options(**(options or {})),
+            apply=method.apply if apply is None else apply,
+            carry_over=method.carry_over if carry_over is None else carry_over,
+            bounds=tuple(bounds),
+            dtype=dtype,
+        )
+
+
+def aggregate_module(settings: RoundSettings, factors: list[Factors], weights: list[float]):
+    """The method's global factors (B (m, R), A (R, n)) of one module, as numpy arrays."""
+    clients, backend = validate_factors(factors, weights)
+    settings.method.check_ranks(settings.options, clients.ranks)
+    B, A = settings.method.aggregate(clients, settings.options)
+    return backend.out(B), backend.out(A)
+
+
+def _carried(previous: Update, sampled_max: int, settings: RoundSettings) -> tuple[Factors, float]:
+    """Directions (r_s, r_cap] of the previous update that no sampled client trained, and their
+    energy ‖·‖_F²: its singular directions (svd allocation) or its kept factors' columns
+    (slice allocation)."""
+    if settings.method.allocation == "slice":
+        B, A = _leading_columns(previous, settings.max_rank)
+        tail = B[:, sampled_max:], A[sampled_max:]
+        energy = float(np.sum(compressed_values(*tail, dtype=np.float64) ** 2)) if len(A) else 0.0
+        return tail, energy
+    tail = previous.tail(sampled_max, settings.max_rank)
+    return tail, float(np.sum(previous.S[sampled_max : settings.max_rank].astype(np.float64) ** 2))
 
 
 def aggregate_round(
@@ -307,26 +376,26 @@ def aggregate_round(
     carried_energy = []
     for name in modules:
         factors = [u.factors[name] for u in updates]
-        agg = aggregate(settings.method, factors, weights, **settings.options)
+        agg = aggregate_module(settings, factors, weights)
         if settings.apply == "merge":
             previous = state.merged.get(name)
             if previous is None:  # D_1 = ΔW_1: one decomposition serves both
-                new_merged[name] = compress(*agg)
+                new_merged[name] = compress(*agg, dtype=settings.dtype)
                 values = new_merged[name].S
             else:  # the round's own spectrum, then D_t = D_{t-1} + ΔW_t
-                values = compressed_values(*agg)
-                new_merged[name] = compress(*stack(previous.factors(), agg))
+                values = compressed_values(*agg, dtype=settings.dtype)
+                new_merged[name] = compress(*stack(previous.factors(), agg), dtype=settings.dtype)
             per_module[name] = module_diagnostics(values, settings.bounds)
             continue
         previous = state.adapter.get(name)
         parts, carried = [agg], 0.0
         if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
-            tail = previous.tail(sampled_max, settings.max_rank)
+            tail, energy = _carried(previous, sampled_max, settings)
             if tail[0].shape[1]:
-                carried = float(np.sum(previous.S[sampled_max : settings.max_rank] ** 2))
+                carried = energy
                 parts.append(tail)
         # one decomposition per module, carried tail included
-        round_update = decompose(*stack(*parts), top=settings.max_rank)
+        round_update = decompose(*stack(*parts), top=settings.max_rank, dtype=settings.dtype)
         new_adapter[name] = round_update
         per_module[name] = module_diagnostics(round_update.S, settings.bounds)
         if previous is not None and previous.rank:
