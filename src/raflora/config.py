@@ -145,14 +145,14 @@ class ClientsSection(_Section):
         return tiers
 
     def known_ranks(self) -> list[int] | None:
-        """The ranks the clients can have, as far as the config alone tells (None: from the
-        memory budgets, decided with the model)."""
+        """The distinct ranks the clients can have, as far as the config alone tells (None:
+        from the memory budgets, decided with the model). A rank list is cycled over the
+        clients, so its first num_clients entries are the ranks in use."""
         if self.rank_tiers is not None:
             return sorted(rank for rank, share in self.rank_tiers.items() if share > 0)
         if self.memory_budgets_mb is not None:
             return None
-        listed = list(self.ranks or DEFAULT_RANKS)
-        return [listed[k % len(listed)] for k in range(self.num_clients)]
+        return sorted(set(list(self.ranks or DEFAULT_RANKS)[: self.num_clients]))
 
     @model_validator(mode="after")
     def _one_rank_source(self) -> ClientsSection:

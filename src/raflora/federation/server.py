@@ -25,6 +25,7 @@ from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, sa
 from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.outputs import write_config, write_metrics
 from raflora.federation.progress import LogReporter, Reporter
+from raflora.federation.record import RoundRecord
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.validation import Expectation
 from raflora.math.methods import get_method
@@ -112,53 +113,6 @@ def check_ranks_fit(nodes: list[NodeInfo], modules: dict[str, tuple[int, int]]) 
         )
 
 
-def round_record(
-    current: RoundLog, server: dict[str, float] | None, seconds: float
-) -> dict[str, Any]:
-    """One row of metrics.json: counts, losses, accuracies, diagnostics, bytes, failures."""
-    diag, client = current.diagnostics, current.client_eval
-    server = server or {}
-    return {
-        "round": current.round,
-        "sampled": len(current.sampled),
-        "ok": len(current.ok),
-        "failed": len(current.failed),
-        "rejected": len(current.rejected),
-        "clipped_modules": current.clipped_modules,
-        "skipped": current.skipped,
-        "train_loss": current.train_loss if current.ok else None,
-        "server_loss": server.get("loss"),
-        "server_accuracy": server.get("accuracy"),
-        "client_val_accuracy": client.get("val-accuracy"),
-        "client_val_loss": client.get("val-loss"),
-        **{
-            key: diag.get(key)
-            for key in (
-                "top_rmin_energy",
-                "top_rmin_energy_worst",
-                "effective_rank",
-                "effective_rank_worst",
-                "stable_rank",
-                "norm",
-                "carried_energy_share",
-                "global_rank",
-                "partition_energy",
-                "predicted_retention",
-            )
-        },
-        "bytes_sent": current.bytes_sent,
-        "bytes_received": current.bytes_received,
-        "seconds": seconds,
-        "clients": current.ok,
-        "failures": {str(k): v for k, v in current.failed.items()},
-        "rejections": {str(k): v for k, v in current.rejected.items()},
-        "server_metrics": server,
-        "client_metrics": client,
-        "client_time": {str(k): v for k, v in sorted(current.client_time.items())},
-        "per_module": diag.get("per_module", {}),
-    }
-
-
 def client_table(config: Config, strategy: HeteroRankStrategy) -> Any:
     """Per client: local data size, rank and label (or task) counts."""
     data = task.load_data(config.to_json())
@@ -238,7 +192,9 @@ class FederatedRun:
         self.bounds = list(strategy.settings.bounds)
         self.model_info = evaluator.model_info()
         if state.round == 0 and not self.history:
-            self.history.append(round_record(RoundLog(round=0), evaluator.evaluate(state), 0.0))
+            self.history.append(
+                RoundRecord.of(RoundLog(round=0), evaluator.evaluate(state), 0.0).to_dict()
+            )
         first, last = state.round + 1, config.federation.rounds
         self.reporter.start(first, last)
         try:
@@ -264,7 +220,7 @@ class FederatedRun:
         )
         due = server_round % config.eval.every == 0 or server_round == last
         server = evaluator.evaluate(strategy.state) if due else None
-        record = round_record(strategy.current, server, time.perf_counter() - start)
+        record = RoundRecord.of(strategy.current, server, time.perf_counter() - start).to_dict()
         self.history.append(record)
         extra = {
             "history": self.history,
