@@ -70,6 +70,9 @@ class ModelSection(_Section):
     """dropout on the LoRA input"""
     max_length: PositiveInt = 64
     """tokens per example (text tasks)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """storage dtype of the frozen base; LoRA factors stay float32 and training autocasts to this
+    dtype (float16: CUDA only, with loss scaling)"""
 
     @field_validator("path")
     @classmethod
@@ -195,6 +198,19 @@ class FederationSection(_Section):
     server_threads: Annotated[int, Field(ge=0)] = 0
     """torch threads for the server's aggregation and SVDs (0 = every core it may use); fixed so
     a run's numbers do not depend on the process the server runs in"""
+    server_device: str = "cpu"
+    """where the server aggregates, decomposes (float64) and evaluates: cpu, auto, cuda or cuda:N
+    (not mps: it has no float64)"""
+
+    @field_validator("server_device")
+    @classmethod
+    def _server_device_spec(cls, device: str) -> str:
+        from raflora.training.device import check_device_spec
+
+        check_device_spec(device)
+        if device == "mps":
+            raise ValueError("mps has no float64, which the server's SVDs use; use cpu or cuda")
+        return device
 
     @field_validator("method")
     @classmethod
@@ -250,6 +266,18 @@ class TrainSection(_Section):
     """prune when tail norm below"""
     threads: Annotated[int, Field(ge=0)] = 1
     """torch threads per client (0 = torch default)"""
+    device: str = "auto"
+    """where clients train: auto (the GPU the process may use: in simulation the one Ray assigned,
+    see simulation.num_gpus_per_client; else CPU), cpu, cuda, cuda:N or mps"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more time)"""
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, device: str) -> str:
+        from raflora.training.device import check_device_spec
+
+        return check_device_spec(device)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSection:

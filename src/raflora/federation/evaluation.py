@@ -99,5 +99,10 @@ class ServerEvaluator:
         }
 
     def evaluate(self, state: GlobalState) -> dict[str, float]:
-        model = global_model(self.config, self.base, state)
-        return evaluate(model, self.test, batch_size=self.config.eval.batch_size)
+        """Test metrics of the global model, on ``federation.server_device`` and autocast to
+        ``model.dtype`` (the base's dtype) as the clients train."""
+        model = global_model(self.config, self.base, state).to(task.server_device(self.config))
+        precision = getattr(torch, self.config.model.dtype)
+        return evaluate(
+            model, self.test, batch_size=self.config.eval.batch_size, precision=precision
+        )

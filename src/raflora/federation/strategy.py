@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from raflora.config import Config
 from raflora.federation import messages as msg
+from raflora.federation import task
 from raflora.federation.global_state import (
     ClientUpdate,
     GlobalState,
@@ -35,6 +36,7 @@ from raflora.federation.global_state import (
     aggregate_round,
 )
 from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+from raflora.math.device import computing_on
 from raflora.training import torch_threads
 
 log = logging.getLogger("raflora")
@@ -269,7 +271,9 @@ class HeteroRankStrategy(Strategy):
                 self.state.ranks,
             )
             return None, None
-        with torch_threads(self.config.federation.server_threads):  # same bits in every process
+        fed = self.config.federation
+        with torch_threads(fed.server_threads), computing_on(task.server_device(self.config)):
+            # fixed threads: same bits in every process; server_device: where the math runs
             self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
         self.current.diagnostics = diagnostics
         self.current.train_loss = weighted_mean(

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raflora.training.device import keep_trainables_float32
+
 TASKS = ("classification", "causal-lm", "image-classification")
 ALIASES = ("minilm", "smollm2-135m", "vit-tiny")
 
@@ -190,9 +192,14 @@ def _load_tokenizer(folder: str) -> Any:
 
 
 def load_base_model(
-    name_or_path: str, task: str, num_labels: int | None = None, seed: int = 0
+    name_or_path: str,
+    task: str,
+    num_labels: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, Any]:
-    """Load a float32 base model in eval mode and its tokenizer (``None`` for images).
+    """Load a base model (weights in ``dtype``, float32 by default) in eval mode and its
+    tokenizer (``None`` for images).
 
     ``task`` is ``"classification"`` (sequence classification head, ``num_labels`` default 2),
     ``"causal-lm"`` or ``"image-classification"`` (head resized to ``num_labels`` if given).
@@ -202,7 +209,7 @@ def load_base_model(
     """
     auto = _auto_class(task)
     folder = resolve_model(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if task == "classification":
         num_labels = num_labels or 2
     if task != "causal-lm" and num_labels is not None:  # a saved head of another size is redrawn
@@ -307,4 +314,18 @@ def build_lora_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
+    keep_trainables_float32(model)  # a half-precision base: LoRA factors and heads stay float32
     return model.eval()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (non-reentrant
+    checkpointing: same gradients, memory of one block's activations instead of all). Raises
+    ``ValueError`` naming ``train.gradient_checkpointing`` when the architecture lacks it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient "
+            "checkpointing; set it to false"
+        )
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
