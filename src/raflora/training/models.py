@@ -328,4 +328,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient "
             "checkpointing; set it to false"
         )
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
