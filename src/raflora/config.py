@@ -53,6 +53,9 @@ class RunSection(_Section):
     """parent folder of run folders"""
     seed: int = 0
     """one seed for data split, partitions, ranks, LoRA init, client sampling"""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """experiment trackers fed each round's metrics.csv row and energy plot, written offline
+    under the run folder (needs `pip install 'raflora[track]'`)"""
 
 
 class ModelSection(_Section):

@@ -30,7 +30,12 @@ from torch import nn
 from raflora.config import Config, ConfigError
 from raflora.federation import messages as msg
 from raflora.federation import task
-from raflora.federation.preflight import RunSetupError, check_data, check_devices
+from raflora.federation.preflight import (
+    RunSetupError,
+    check_data,
+    check_devices,
+    check_tracker_packages,
+)
 from raflora.federation.server import check_ranks_fit
 from raflora.federation.strategy import NodeInfo
 from raflora.training.models import _auto_class, default_modules_to_save, resolve_model
@@ -113,6 +118,7 @@ def dry_run(config: Config) -> dict[str, Any]:
     """Every check of the module docstring; returns what it found (JSON-ready)."""
     try:
         check_devices(config, clients_here=True)
+        check_tracker_packages(config)
         check_data(config)
     except RunSetupError as error:
         raise DryRunError(str(error)) from None

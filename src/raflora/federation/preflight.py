@@ -86,6 +86,16 @@ def check_devices(config: Config, *, clients_here: bool) -> None:
         raise RunSetupError(str(error)) from None
 
 
+def check_tracker_packages(config: Config) -> None:
+    """Every tracker in ``run.trackers`` has its package installed (one line otherwise)."""
+    from raflora.federation.trackers import TrackerError, check_trackers
+
+    try:
+        check_trackers(list(config.run.trackers))
+    except TrackerError as error:
+        raise RunSetupError(str(error)) from None
+
+
 def check_resume(run_dir: Path) -> None:
     """The checkpoint `--resume` would load is complete and intact (raises `CheckpointError`)."""
     path = latest_checkpoint(run_dir)
@@ -99,6 +109,7 @@ def check_run(
     """Everything above, in the order a run would meet it (``clients_here`` False: a
     deployment's server, whose clients' devices are their own machines' business)."""
     check_devices(config, clients_here=clients_here)
+    check_tracker_packages(config)
     if resume:
         check_resume(run_dir)
     check_data(config)

@@ -24,9 +24,10 @@ from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.global_state import GlobalState
-from raflora.federation.outputs import write_config, write_metrics
+from raflora.federation.outputs import write_config, write_metrics, write_plots
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
+from raflora.federation.trackers import Trackers
 from raflora.federation.validation import Expectation
 from raflora.training import partition_table
 
@@ -197,6 +198,7 @@ class FederatedRun:
         self.state: GlobalState | None = None
         self.bounds: list[int] = []
         self.model_info: dict[str, Any] = {}
+        self.trackers: Trackers | None = None
 
     def _start(self, evaluator: ServerEvaluator) -> GlobalState:
         path = latest_checkpoint(self.run_dir) if self.resume else None
@@ -239,12 +241,16 @@ class FederatedRun:
         if state.round == 0 and not self.history:
             self.history.append(round_record(RoundLog(round=0), evaluator.evaluate(state), 0.0))
         first, last = state.round + 1, config.federation.rounds
+        self.trackers = Trackers(config, self.run_dir)
+        if state.round == 0 and len(self.history) == 1:
+            self.trackers.log_round(self.history[0], self.bounds, None)
         self.reporter.start(first, last)
         try:
             for server_round in range(first, last + 1):
                 self._round(grid, strategy, evaluator, server_round, last)
         finally:
             self.reporter.stop()
+            self.trackers.close()
         self.state = strategy.state
         return strategy.state
 
@@ -275,6 +281,10 @@ class FederatedRun:
         }
         save_checkpoint(self.run_dir, strategy.state, extra)
         write_metrics(self.run_dir, self.history, self.bounds)
+        if self.trackers:  # the plots so far, for the trackers' image
+            write_plots(self.run_dir, self.history, self.bounds, config.federation.method)
+            image = self.run_dir / "plots" / "partition_energy.png"
+            self.trackers.log_round(record, self.bounds, image)
         self.reporter.round_done(record)
 
 
