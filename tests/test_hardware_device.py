@@ -234,3 +234,33 @@ def test_client_round_on_cuda_sends_float32_numpy(tiny_bert_dir: Path) -> None:
     assert np.isfinite(metrics["train-loss"])
     assert all(v.dtype == np.float32 for v in dense.values())
     assert task.train_device(config)[0].type == "cuda"
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantised_base_refused_without_bitsandbytes_or_cuda(
+    gpus, monkeypatch: pytest.MonkeyPatch, bits: str
+) -> None:
+    import importlib.util
+
+    gpus(0)
+    real = importlib.util.find_spec
+    config = load_config(None, [f"model.quantization={bits}"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name)
+    )
+    with pytest.raises(RunSetupError) as error:
+        check_devices(config, clients_here=True)
+    assert str(error.value).startswith(f"model.quantization (federation.server_device) = '{bits}'")
+    assert "pip install 'raflora[quant]'" in str(error.value)
+    # bitsandbytes present but no CUDA: the backend is what is missing
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    with pytest.raises(RunSetupError, match=rf"= '{bits}' needs a CUDA device"):
+        check_devices(config, clients_here=True)
+    with pytest.raises(DeviceError, match=r"^model\.quantization = .* needs a CUDA device"):
+        task.base_placement(config, torch.device("cpu"))
+    assert task.base_placement(load_config(None, []), torch.device("cpu")) == "cpu"
+
+
+def test_quantised_base_cannot_merge() -> None:
+    with pytest.raises(ConfigError, match=r"model\.quantization = '4bit' cannot merge"):
+        load_config(None, ["model.quantization=4bit", "federation.method=flora"])

@@ -76,6 +76,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """storage dtype of the frozen base; LoRA factors stay float32 and training autocasts to this
     dtype (float16: CUDA only, with loss scaling)"""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA-style frozen base through bitsandbytes (NF4 / LLM.int8, computing in model.dtype);
+    needs CUDA for clients and server and `pip install 'raflora[quant]'`"""
 
     @field_validator("path")
     @classmethod
@@ -331,6 +334,11 @@ class Config(_Section):
         if self.federation.method == "fedit" and ranks is not None and len(set(ranks)) > 1:
             raise ValueError(
                 f"federation.method: fedit needs equal ranks (clients.ranks: {sorted(set(ranks))})"
+            )
+        if self.model.quantization != "none" and self.federation.apply_mode == "merge":
+            raise ValueError(
+                f"model.quantization = {self.model.quantization!r} cannot merge updates into "
+                "quantised base weights (federation.apply = merge); use apply = adapter"
             )
         if self.federation.min_clients > self.clients.num_clients:
             raise ValueError(

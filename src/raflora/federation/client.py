@@ -64,7 +64,8 @@ def client_context(config_json: str, partition_id: int, node_rank: int = 0) -> C
         )
     device, precision = task.train_device(config)
     data = task.load_data(config_json)
-    base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+    placement = task.base_placement(config, device)
+    base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data), placement)
     local = task.client_data(config, data, partition_id, tokenizer, base)
     rank = node_rank
     if not rank:

@@ -67,7 +67,9 @@ class ServerEvaluator:
     def load(cls, config: Config) -> ServerEvaluator:
         config_json = config.to_json()
         data = task.load_data(config_json)
-        base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+        placement = task.base_placement(config, task.server_device(config))
+        labels = task.model_num_labels(config, data)
+        base, tokenizer = task.load_base(config_json, labels, placement)
         test = task.encode(config, take(data.test, range(len(data.test))), tokenizer, base)
         return cls(config, base, tokenizer, test)
 

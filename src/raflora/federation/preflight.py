@@ -69,10 +69,18 @@ def check_devices(config: Config, *, clients_here: bool) -> None:
     """The server's device exists; with ``clients_here`` (simulation: the clients run on this
     machine) so do the clients' device, the GPUs Ray is asked for, and ``model.dtype`` is one
     that device trains in. One line naming the field, as ``RunSetupError``."""
-    from raflora.training.device import DeviceError, resolve_device, resolve_dtype
+    from raflora.training.device import (
+        DeviceError,
+        check_quantization,
+        resolve_device,
+        resolve_dtype,
+    )
 
     try:
-        resolve_device(config.federation.server_device, "federation.server_device")
+        server = resolve_device(config.federation.server_device, "federation.server_device")
+        # the server evaluates on the quantised base too
+        field = "model.quantization (federation.server_device)"
+        check_quantization(config.model.quantization, server, field)
         if not clients_here:
             return
         gpus = config.simulation.num_gpus_per_client
@@ -81,7 +89,9 @@ def check_devices(config: Config, *, clients_here: bool) -> None:
                 f"simulation.num_gpus_per_client = {gpus:g}: no CUDA GPU here for Ray to assign "
                 "(the clients would wait for one forever); set it to 0"
             )
-        resolve_dtype(config.model.dtype, simulated_client_device(config))
+        device = simulated_client_device(config)
+        resolve_dtype(config.model.dtype, device)
+        check_quantization(config.model.quantization, device)
     except DeviceError as error:
         raise RunSetupError(str(error)) from None
 

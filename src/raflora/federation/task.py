@@ -34,7 +34,7 @@ from raflora.training import (
     ranks_from_tiers,
     take,
 )
-from raflora.training.device import resolve_device, resolve_dtype
+from raflora.training.device import check_quantization, resolve_device, resolve_dtype
 from raflora.training.local import batch_loss
 from raflora.training.models import enable_gradient_checkpointing
 from raflora.training.ranks import base_memory_mb, measure_rank_memory, ranks_within_budgets
@@ -173,9 +173,12 @@ def measured_memory_mb(
 
 
 @lru_cache(maxsize=2)
-def load_base(config_json: str, num_labels: int) -> tuple[nn.Module, Any]:
+def load_base(
+    config_json: str, num_labels: int, quantized_on: str = "cpu"
+) -> tuple[nn.Module, Any]:
     """Base model (on the CPU, weights in ``model.dtype``) and tokenizer (cached per process;
-    callers deep-copy before wrapping and move the copy to their device)."""
+    callers deep-copy before wrapping and move the copy to their device). A quantised base
+    (``model.quantization``) is loaded straight onto ``quantized_on``, a CUDA device."""
     config = Config.model_validate_json(config_json)
     return load_base_model(
         config.model.path,
@@ -183,7 +186,18 @@ def load_base(config_json: str, num_labels: int) -> tuple[nn.Module, Any]:
         num_labels=num_labels,
         seed=config.run.seed,
         dtype=getattr(torch, config.model.dtype),
+        quantization=config.model.quantization,
+        device=torch.device(quantized_on),
     )
+
+
+def base_placement(config: Config, device: torch.device) -> str:
+    """`load_base`'s ``quantized_on``: the caller's device for a quantised base (after
+    `check_quantization`), else ``"cpu"`` (unquantised bases load on the CPU)."""
+    if config.model.quantization == "none":
+        return "cpu"
+    check_quantization(config.model.quantization, device)
+    return str(device)
 
 
 def model_num_labels(config: Config, data: TaskData) -> int | None:

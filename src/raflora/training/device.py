@@ -113,6 +113,27 @@ def resolve_dtype(name: str, device: torch.device, field: str = "model.dtype") -
     return dtype
 
 
+def check_quantization(
+    quantization: str, device: torch.device, field: str = "model.quantization"
+) -> None:
+    """A 4/8-bit base needs the bitsandbytes package and a CUDA device (its kernels' backend);
+    raises :class:`DeviceError` naming ``field`` and the fix otherwise."""
+    import importlib.util
+
+    if quantization == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DeviceError(
+            f"{field} = {quantization!r} needs the bitsandbytes package, which is not installed; "
+            "pip install 'raflora[quant]' (on a CUDA machine), or set it to 'none'"
+        )
+    if device.type != "cuda":
+        raise DeviceError(
+            f"{field} = {quantization!r} needs a CUDA device for bitsandbytes' kernels "
+            f"(this runs on {device.type}); set it to 'none' or use a GPU"
+        )
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     """``torch.autocast`` in ``dtype`` for a half-precision base, else a no-op context."""
     if dtype == torch.float32:
