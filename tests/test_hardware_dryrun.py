@@ -48,7 +48,7 @@ def test_every_shipped_config_dry_runs(path: Path, tmp_path: Path) -> None:
     if not _assets_here(path):
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and "model.path" in lines[0], result.output
+        assert len(lines) == 1 and ("model.path" in lines[0] or "data.name" in lines[0])
         pytest.skip(f"{path.name}: its model is not on this machine (refused in one line)")
     assert result.exit_code == 0, result.output
     assert "ok: " in result.output and "nothing was trained" in result.output

@@ -102,7 +102,7 @@ def build_round_model(
     if merged:  # merge mode: a private copy of the base with the global update merged in
         base = copy.deepcopy(base)
         merge_into_base(base, merged)
-    model = task.lora_model(ctx.config, base, rank, seed).to(ctx.device)
+    model = task.placed(ctx.config, task.lora_model(ctx.config, base, rank, seed), ctx.device)
     set_factors(model, lora, seed=seed)
     if dense:
         set_dense_trainables(model, {k: torch.from_numpy(v) for k, v in dense.items()})
@@ -141,7 +141,8 @@ def reused_round_model(
     """
     slot = _ROUND_MODELS.get(ctx.base)
     if slot is None:
-        model = task.lora_model(ctx.config, ctx.base, rank, seed).to(ctx.device)
+        model = task.lora_model(ctx.config, ctx.base, rank, seed)
+        model = task.placed(ctx.config, model, ctx.device)
         slot = _ROUND_MODELS[ctx.base] = RoundModels(model, {rank: "default"})
         slot.heads[rank] = get_dense_trainables(model)
     model = slot.model

@@ -103,7 +103,8 @@ class ServerEvaluator:
     def evaluate(self, state: GlobalState) -> dict[str, float]:
         """Test metrics of the global model, on ``federation.server_device`` and autocast to
         ``model.dtype`` (the base's dtype) as the clients train."""
-        model = global_model(self.config, self.base, state).to(task.server_device(self.config))
+        model = global_model(self.config, self.base, state)
+        model = task.placed(self.config, model, task.server_device(self.config))
         precision = getattr(torch, self.config.model.dtype)
         return evaluate(
             model, self.test, batch_size=self.config.eval.batch_size, precision=precision

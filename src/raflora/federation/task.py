@@ -167,7 +167,7 @@ def measured_memory_mb(
     run's model on ``device`` in ``precision`` (`measure_rank_memory`)."""
 
     def build(rank: int) -> nn.Module:
-        return lora_model(config, base, rank, seed=config.run.seed).to(device)
+        return placed(config, lora_model(config, base, rank, seed=config.run.seed), device)
 
     return measure_rank_memory(build, batch, batch_loss, config.clients.candidate_ranks, precision)
 
@@ -189,6 +189,12 @@ def load_base(
         quantization=config.model.quantization,
         device=torch.device(quantized_on),
     )
+
+
+def placed(config: Config, model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``; a quantised model is already on its device (bitsandbytes models
+    refuse ``.to``)."""
+    return model if config.model.quantization != "none" else model.to(device)
 
 
 def base_placement(config: Config, device: torch.device) -> str:
