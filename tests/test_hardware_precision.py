@@ -227,3 +227,26 @@ class _Dataset(torch.utils.data.Dataset):
 
     def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
         return {key: value[items] for key, value in self.batch.items()}
+
+
+def test_federated_run_with_a_bfloat16_base(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Server and clients in one process (FakeGrid): bfloat16 base, checkpointing, the server's
+    evaluation under autocast; the global update stays float32 and the model learns."""
+    from helpers.runs import run_in_process
+    from helpers.runs import tiny_config as run_config
+
+    config = run_config(
+        tiny_bert_dir,
+        "model.dtype=bfloat16",
+        "train.gradient_checkpointing=true",
+        "train.lr=5e-3",
+        "federation.rounds=2",
+    )
+    out = run_in_process(config, tmp_path / "run", finish=False)
+    history, state = out["history"], out["state"]
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert all(np.isfinite(r["server_loss"]) for r in history)
+    assert all(np.isfinite(r["train_loss"]) for r in history[1:])
+    for update in state.adapter.values():
+        B, A = update.whole()
+        assert B.dtype == A.dtype == np.float32 and float(np.abs(B).sum()) > 0
