@@ -23,10 +23,11 @@ from raflora.federation import messages as msg
 from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
-from raflora.federation.outputs import write_config, write_metrics
+from raflora.federation.outputs import write_config, write_metrics, write_plots
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.record import RoundRecord
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
+from raflora.federation.trackers import Trackers
 from raflora.federation.validation import Expectation
 from raflora.math.methods import get_method
 from raflora.math.round import GlobalState
@@ -152,6 +153,7 @@ class FederatedRun:
         self.state: GlobalState | None = None
         self.bounds: list[int] = []
         self.model_info: dict[str, Any] = {}
+        self.trackers: Trackers | None = None
 
     def _start(self, evaluator: ServerEvaluator) -> GlobalState:
         path = latest_checkpoint(self.run_dir) if self.resume else None
@@ -196,12 +198,16 @@ class FederatedRun:
                 RoundRecord.of(RoundLog(round=0), evaluator.evaluate(state), 0.0).to_dict()
             )
         first, last = state.round + 1, config.federation.rounds
+        self.trackers = Trackers(config, self.run_dir)
+        if state.round == 0 and len(self.history) == 1:
+            self.trackers.log_round(self.history[0], self.bounds, None)
         self.reporter.start(first, last)
         try:
             for server_round in range(first, last + 1):
                 self._round(grid, strategy, evaluator, server_round, last)
         finally:
             self.reporter.stop()
+            self.trackers.close()
         self.state = strategy.state
         return strategy.state
 
@@ -230,6 +236,10 @@ class FederatedRun:
         }
         save_checkpoint(self.run_dir, strategy.state, extra)
         write_metrics(self.run_dir, self.history, self.bounds)
+        if self.trackers:  # the plots so far, for the trackers' image
+            write_plots(self.run_dir, self.history, self.bounds, config.federation.method)
+            image = self.run_dir / "plots" / "partition_energy.png"
+            self.trackers.log_round(record, self.bounds, image)
         self.reporter.round_done(record)
 
 
