@@ -1,0 +1,105 @@
+"""Issue 22, "clear errors instead of tracebacks or hangs": each bad input is refused with one
+line naming the config field and the fix (exit code 2 from `raflora run`), before Ray starts.
+
+Each test here failed on main b310f98 (a traceback, a hang, a silently wrong run, or an exit
+code of 0 for a run whose every round was skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers.runs import TINY
+from raflora.cli import app
+from raflora.config import ConfigError, load_config
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """``raflora run …`` in this process: (exit code, stderr); a traceback fails the test."""
+    result = runner.invoke(app, ["run", *args, "--no-progress"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    return result.exit_code, result.stderr
+
+
+def one_error_line(stderr: str) -> str:
+    """The only non-empty stderr line, which starts with ``error: ``."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def refused(*args: str) -> str:
+    """``raflora run`` refuses with exit code 2 and one line; that line."""
+    code, stderr = cli(*args)
+    assert code == 2, stderr
+    return one_error_line(stderr)
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'[run]\nname = "\xff"\n')
+    line = refused(str(path), "--out", str(tmp_path / "runs"))
+    assert "bad.toml: not UTF-8 text" in line and "save it as UTF-8" in line, line
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", str(2**32)])
+def test_a_seed_outside_what_the_rngs_take_names_run_seed(tmp_path: Path, seed: str) -> None:
+    line = refused(str(TINY), "--set", f"run.seed={seed}", "--out", str(tmp_path))
+    assert line.startswith("error: run.seed: must be an integer from 0 to 4294967295"), line
+    assert f"(got {seed})" in line
+
+
+def test_the_largest_seed_seeds_every_library() -> None:
+    import numpy as np
+    import torch
+
+    from raflora.federation.task import derived_seed
+
+    seed = load_config(TINY, [f"run.seed={2**32 - 1}"]).run.seed
+    np.random.seed(seed)  # the narrowest: numpy's legacy seeding (transformers' set_seed)
+    np.random.default_rng(seed)
+    torch.Generator().manual_seed(seed)
+    assert 0 <= derived_seed(seed, "x") < 2**31
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["federation.rounds=true", "train.lr=false", "clients.ranks=[2, true]", "run.seed=true"],
+)
+def test_booleans_are_not_numbers(setting: str) -> None:
+    field = setting.split("=")[0]
+    with pytest.raises(ConfigError) as caught:
+        load_config(TINY, [setting])
+    message = str(caught.value)
+    assert message.startswith(field) and "expected a number, got the boolean" in message
+    assert "\n" not in message
+
+
+def test_toml_integers_still_fill_float_fields(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 1\n[clients]\nmemory_budgets_mb = [500]\n")
+    config = load_config(path)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.clients.memory_budgets_mb == [500.0]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "", "a\\b", "/abs"])
+def test_a_run_name_cannot_leave_the_out_folder(tmp_path: Path, name: str) -> None:
+    line = refused(str(TINY), "--set", f"run.name={name!r}", "--out", str(tmp_path / "o"))
+    assert line.startswith("error: run.name: ") and "not a plain folder name" in line, line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+
+
+def test_negative_memory_budgets_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^clients\.memory_budgets_mb\.0: .*greater than 0"):
+        load_config(None, ["clients.memory_budgets_mb=[-5]"])
