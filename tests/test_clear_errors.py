@@ -103,3 +103,28 @@ def test_a_run_name_cannot_leave_the_out_folder(tmp_path: Path, name: str) -> No
 def test_negative_memory_budgets_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"^clients\.memory_budgets_mb\.0: .*greater than 0"):
         load_config(None, ["clients.memory_budgets_mb=[-5]"])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_follows_the_run_folder_not_the_out_string(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with a relative --out resumes from an absolute one, after its folder was
+    moved and renamed: the folder is the run, not the string it was first named by."""
+    import shutil
+
+    from helpers.runs import run_in_process, tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    first = tiny_config(tiny_bert_dir, "run.out_dir='runs'", "run.name='a'", "federation.rounds=1")
+    run_in_process(first, Path("runs") / "a", finish=False)
+    moved = tmp_path / "elsewhere" / "b"
+    shutil.move(tmp_path / "runs" / "a", moved)
+    again = tiny_config(
+        tiny_bert_dir, f"run.out_dir={str(moved.parent)!r}", "run.name='b'", "federation.rounds=2"
+    )
+    resumed = run_in_process(again, moved, resume=True, finish=False)
+    assert [record["round"] for record in resumed["history"]] == [0, 1, 2]
+    assert load_config(moved / "config.toml").run.out_dir == str(moved.parent)
