@@ -19,6 +19,18 @@ from raflora.config import ConfigError, load_config
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every refusal here comes before Ray: a simulation that starts fails the test at once
+    (on main several of these started Ray, then hung or failed every round)."""
+    import flwr.simulation
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+
+
 def cli(*args: str) -> tuple[int, str]:
     """``raflora run …`` in this process: (exit code, stderr); a traceback fails the test."""
     result = runner.invoke(app, ["run", *args, "--no-progress"])
@@ -128,3 +140,105 @@ def test_resume_follows_the_run_folder_not_the_out_string(
     resumed = run_in_process(again, moved, resume=True, finish=False)
     assert [record["round"] for record in resumed["history"]] == [0, 1, 2]
     assert load_config(moved / "config.toml").run.out_dir == str(moved.parent)
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def tiny_run(tiny_bert_dir: Path, tmp_path: Path, *settings: str) -> list[str]:
+    """`raflora run` arguments for examples/tiny.toml on the tiny BERT (hidden 32, 128
+    positions) with a few examples, writing under tmp_path/runs."""
+    args = [str(TINY), "--out", str(tmp_path / "runs")]
+    for setting in (
+        f"model.path={str(tiny_bert_dir)!r}",
+        "data.train_size=120",
+        "data.test_size=40",
+        *settings,
+    ):
+        args += ["--set", setting]
+    return args
+
+
+def test_memory_budgets_that_fit_no_rank_name_the_smallest_that_works(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from raflora.federation import task
+    from raflora.training.ranks import base_memory_mb, lora_params_per_rank, training_memory_mb
+
+    config = load_config(None, [f"model.path={str(tiny_bert_dir)!r}"])
+    base, _ = task.load_base(config.to_json(), 2)
+    per_rank = lora_params_per_rank(base, task.target_modules(config, base))
+    need = training_memory_mb(2, per_rank, base_memory_mb(base))  # the smallest candidate
+    path = tmp_path / "budgets.toml"
+    path.write_text(TINY.read_text().replace("ranks = [2, 4, 8]", "memory_budgets_mb = [1]"))
+    args = tiny_run(tiny_bert_dir, tmp_path)
+    args[0] = str(path)
+    line = refused(*args)
+    assert line.startswith("error: clients.memory_budgets_mb: client 0: memory budget 1 MB"), line
+    smallest = float(line.split("smallest budget that works is ")[1].split(" MB")[0])
+    assert need <= smallest < need + 0.1
+    assert not (tmp_path / "runs").exists()
+    # and that budget does work, while one just below what rank 2 needs does not
+    model = f"model.path={str(tiny_bert_dir)!r}"
+    fits = load_config(path, [model, f"clients.memory_budgets_mb=[{smallest}]"])
+    assert min(task.client_ranks(fits, base)) >= 2
+    short = load_config(path, [model, f"clients.memory_budgets_mb=[{need * 0.9999}]"])
+    with pytest.raises(ValueError, match="fits no candidate rank"):
+        task.client_ranks(short, base)
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    line = refused(*tiny_run(tiny_bert_dir, tmp_path, "model.max_length=129"))
+    assert line.startswith("error: model.max_length=129 exceeds the 128 positions"), line
+    assert "use model.max_length ≤ 128" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_rank_above_a_layers_width_is_refused_before_ray(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    line = refused(*tiny_run(tiny_bert_dir, tmp_path, "clients.ranks=[2, 4, 33]"))
+    assert line.startswith("error: clients.ranks: rank above 32 = min(out, in)"), line
+    assert "(client 2: 33); use ranks ≤ 32" in line
+
+
+def test_the_largest_fitting_rank_passes_preflight(tiny_bert_dir: Path) -> None:
+    from raflora.federation.preflight import check_data, check_model
+
+    config = load_config(TINY, [f"model.path={str(tiny_bert_dir)!r}", "clients.ranks=[32]"])
+    check_model(config, check_data(config))  # raises nothing
+
+
+def test_resources_the_machine_lacks_are_refused_before_ray(tmp_path: Path) -> None:
+    import os
+
+    import torch
+
+    from raflora.federation.preflight import usable_cpus
+
+    cpus, gpus, cores = os.cpu_count() or 1, torch.cuda.device_count(), usable_cpus()
+    out = ["--out", str(tmp_path)]
+    line = refused(str(TINY), "--set", f"simulation.num_cpus_per_client={cpus + 1}", *out)
+    assert line.startswith(f"error: simulation.num_cpus_per_client={cpus + 1} exceeds the "), line
+    assert f"use at most {cpus}" in line
+    line = refused(str(TINY), "--set", f"simulation.num_gpus_per_client={gpus + 0.5}", *out)
+    assert line.startswith("error: simulation.num_gpus_per_client="), line
+    assert ("set it to 0" if gpus == 0 else f"at most {gpus}") in line
+    for field in ("train.threads", "federation.server_threads"):
+        line = refused(str(TINY), "--set", f"{field}={cores + 1}", *out)
+        assert line.startswith(f"error: {field}={cores + 1} exceeds the {cores} CPU cores"), line
+    assert not any(tmp_path.iterdir())
+
+
+def test_memory_budgets_that_pick_a_rank_above_a_layer_name_the_candidates(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "budgets.toml"
+    path.write_text(TINY.read_text().replace("ranks = [2, 4, 8]", "memory_budgets_mb = [1000]"))
+    args = tiny_run(tiny_bert_dir, tmp_path)
+    args[0] = str(path)
+    line = refused(*args)  # 1000 MB fits rank 64 on a model whose layers are 32 wide
+    assert line.startswith("error: clients.candidate_ranks: rank above 32"), line
+    assert "(client 0: 64, client 1: 64, client 2: 64)" in line

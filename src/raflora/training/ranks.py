@@ -12,6 +12,7 @@ their gradients and AdamW's two moments. ``base_memory_mb`` covers the frozen ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,9 +113,10 @@ def ranks_from_memory(
             need = training_memory_mb(
                 candidates[0], lora_param_count_per_rank, base_memory_mb, activation_mb
             )
+            smallest = math.ceil(need * 10) / 10  # rounded up: a budget this size fits
             raise ValueError(
-                f"client {client}: memory budget {budget:g} MB fits no candidate "
-                f"rank (rank {candidates[0]} needs {need:.1f} MB)"
+                f"client {client}: memory budget {budget:g} MB fits no candidate rank; the "
+                f"smallest budget that works is {smallest:.1f} MB (rank {candidates[0]})"
             )
         ranks.append(fitting[-1])
     return ranks
