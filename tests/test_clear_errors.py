@@ -7,6 +7,7 @@ code of 0 for a run whose every round was skipped).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,51 @@ def test_memory_budgets_that_pick_a_rank_above_a_layer_name_the_candidates(
     line = refused(*args)  # 1000 MB fits rank 64 on a model whose layers are 32 wide
     assert line.startswith("error: clients.candidate_ranks: rank above 32"), line
     assert "(client 0: 64, client 1: 64, client 2: 64)" in line
+
+
+# ----------------------------------------------------------------------------- failed runs
+
+
+def test_a_run_whose_rounds_were_skipped_exits_non_zero_and_says_why(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """faults.fraction=0.34 makes partition 0 raise in rounds 1 and 2; with min_clients=3 both
+    rounds are skipped. The run finishes (outputs written) but `raflora run` exits 1."""
+    from helpers.runs import run_in_process
+    from raflora.federation import simulation
+
+    def in_process(config, run_dir=None, *, resume=False, reporter=None):  # no Ray
+        run_dir = Path(config.run.out_dir) / config.run.name
+        return run_in_process(config, run_dir, resume=resume)["summary"]
+
+    monkeypatch.setattr(simulation, "run_federated", in_process)
+    args = tiny_run(tiny_bert_dir, tmp_path, "faults.fraction=0.34", "federation.min_clients=3")
+    code, stderr = cli(*args, "--set", "model.max_length=24", "--set", "train.local_steps=2")
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: 2 of 2 round(s) skipped (rounds 1, 2): fewer than ")
+    assert "federation.min_clients=3" in errors[0]
+    assert errors[1].startswith("error: client 0 failed in every round it was sampled in (2): ")
+    assert "InjectedFault" in errors[1] and len(errors) == 2
+    run_json = tmp_path / "runs" / "tiny" / "run.json"
+    assert json.loads(run_json.read_text())["problems"] == [e[len("error: ") :] for e in errors]
+
+
+def test_run_problems_count_rejections_and_spare_clients_that_contributed_once() -> None:
+    from raflora.federation.finish import run_problems
+
+    history = [
+        {"round": 0},
+        {"round": 1, "clients": [1], "failures": {"0": "boom"}, "rejections": {"2": "norm"}},
+        {"round": 2, "clients": [0], "failures": {}, "rejections": {"2": "norm"}},
+        {"round": 3, "clients": [0, 1], "failures": {}, "rejections": {}},  # 2 not sampled
+    ]
+    assert run_problems(history, 1) == [
+        "client 2 failed in every round it was sampled in (2): norm"
+    ]
+    assert run_problems(history[:2], 1) == [
+        "client 0 failed in every round it was sampled in (1): boom",
+        "client 2 failed in every round it was sampled in (1): norm",
+    ]
+    skipped = [*history[:2], {**history[2], "skipped": True}]
+    assert run_problems(skipped, 2)[0].startswith("1 of 2 round(s) skipped (rounds 2): fewer")

@@ -106,8 +106,10 @@ def run(
 
     _print_table(comparison_table([load_run(Path(cfg.run.out_dir) / cfg.run.name)]))
     console.print(f"outputs in [bold]{Path(cfg.run.out_dir) / cfg.run.name}[/]")
-    if summary.get("skipped_rounds"):
-        err.print(f"[yellow]{summary['skipped_rounds']} round(s) skipped: too few valid replies[/]")
+    if summary.get("problems"):  # skipped rounds, clients that never contributed
+        for problem in summary["problems"]:
+            err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(1)
 
 
 def _simulate(cfg: Config, *, resume: bool, progress: bool) -> dict:
