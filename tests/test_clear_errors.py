@@ -291,3 +291,78 @@ def test_run_problems_count_rejections_and_spare_clients_that_contributed_once()
     ]
     skipped = [*history[:2], {**history[2], "skipped": True}]
     assert run_problems(skipped, 2)[0].startswith("1 of 2 round(s) skipped (rounds 2): fewer")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def labelled(path: Path, labels: list) -> Path:
+    """A JSONL file, one row per label (written as JSON: NaN as the bare token NaN)."""
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": v}) + "\n"
+                            for i, v in enumerate(labels)))  # fmt: skip
+    return path
+
+
+ROWS = [0, 1] * 20
+
+
+@pytest.mark.parametrize(
+    ("label", "says"),
+    [
+        (float("nan"), "label nan is a missing or non-finite value, not a class"),
+        ("NaN", "label 'NaN' is a missing or non-finite value"),
+        (float("inf"), "label inf is a missing or non-finite value"),
+        ([1], "label [1] is a list; labels are strings or integers"),
+    ],
+)
+def test_a_nan_label_is_refused_with_its_line(tmp_path: Path, label, says: str) -> None:
+    path = labelled(tmp_path / "d.jsonl", [*ROWS[:6], label, *ROWS[6:]])
+    line = refused(str(TINY), "--set", f"data.name={str(path)!r}", "--out", str(tmp_path / "r"))
+    assert line.startswith(f"error: {path} line 7: field 'label': {says}"), line
+
+
+def test_one_stray_integer_label_is_refused_and_points_to_data_labels(tmp_path: Path) -> None:
+    path = labelled(tmp_path / "d.jsonl", [*ROWS[:9], 50, *ROWS[9:]])
+    line = refused(str(TINY), "--set", f"data.name={str(path)!r}", "--out", str(tmp_path / "r"))
+    assert line.startswith(f"error: {path} line 10: field 'label': label 50 out of range"), line
+    assert "must be the classes 0..2 (3 distinct values: 0, 1, 50)" in line
+    assert "list the classes in data.labels (e.g. labels = [0, 1, 50])" in line
+
+
+def test_data_labels_declares_the_classes_in_order(tmp_path: Path) -> None:
+    from raflora.federation.task import load_data
+
+    path = labelled(tmp_path / "d.jsonl", [*ROWS[:9], 50, 50, 50, *ROWS[9:]])
+    config = load_config(TINY, [f"data.name={str(path)!r}", "data.labels=[0, 1, 50]"])
+    assert config.data.labels == ["0", "1", "50"]
+    data = load_data(config.to_json())
+    assert data.num_labels == 3 and data.label_names == ("0", "1", "50")
+    everything = sorted([*data.labels("train"), *data.labels("test")])
+    assert everything == sorted([*ROWS, 2, 2, 2])  # 50 is class 2
+    words = labelled(tmp_path / "w.jsonl", ["pos", "neg", "meh"] * 10)
+    config = load_config(TINY, [f"data.name={str(words)!r}", "data.labels=['pos', 'neg', 'meh']"])
+    assert load_data(config.to_json()).label_names == ("pos", "neg", "meh")  # not sorted
+
+
+def test_a_label_outside_data_labels_is_refused(tmp_path: Path) -> None:
+    path = labelled(tmp_path / "d.jsonl", [*ROWS[:4], 7, *ROWS[4:]])
+    line = refused(
+        str(TINY), "--set", f"data.name={str(path)!r}", "--set", "data.labels=[0, 1]",
+        "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert line.startswith(f"error: {path} line 5: field 'label': label 7 is not one of "), line
+    assert "data.labels [0, 1]" in line
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        ("[1]", "data.labels: classification needs at least 2 classes"),
+        ("[0, '0']", "data.labels: each class once (repeated: ['0'])"),
+        ("[0, true]", "data.labels.1: labels are strings or integers (got True)"),
+    ],
+)
+def test_bad_data_labels_name_the_field(labels: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(TINY, [f"data.labels={labels}"])
+    assert str(caught.value).startswith(says), caught.value

@@ -42,6 +42,18 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
+
+
+def _label_text(value: Any) -> Any:
+    """A class label as text: strings as given, integers (not booleans) as decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"labels are strings or integers (got {value!r})")
+    return value
+
+
+LabelValue = Annotated[str, BeforeValidator(_label_text)]
 SEED_LIMIT = 2**32  # numpy's legacy seeding (transformers' set_seed) takes 0 ≤ seed < 2**32
 
 
@@ -131,6 +143,21 @@ class DataSection(_Section):
     """column holding the text (general loader)"""
     label_field: str | None = None
     """column holding the label (general loader)"""
+    labels: list[LabelValue] | None = None
+    """the classes of a data file, in order (class i = labels[i]), as its label field holds them,
+    e.g. ["neg", "pos"] or [0, 1, 50]; a row with another label is refused. Needed when integer
+    labels are not 0..K-1; unset: integer labels are class indices 0..K-1, text labels sorted"""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None:
+            if len(labels) < 2:
+                raise ValueError(f"classification needs at least 2 classes (got {labels})")
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"each class once (repeated: {repeated})")
+        return labels
     partition: Literal["iid", "dirichlet"] = "dirichlet"
     """how training data is split"""
     dirichlet_alpha: PositiveFloat = 0.5
