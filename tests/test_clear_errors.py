@@ -366,3 +366,39 @@ def test_bad_data_labels_name_the_field(labels: str, says: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(TINY, [f"data.labels={labels}"])
     assert str(caught.value).startswith(says), caught.value
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_hashes_catch_accidents_not_forgery(tmp_path: Path) -> None:
+    """What the README says of the hashes, shown: a changed array with stale hashes is refused,
+    the same change with its hashes recomputed (no key needed) loads."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from helpers.runs import ROOT
+    from raflora.federation import checkpoint as ckpt
+    from raflora.federation.global_state import GlobalState
+
+    state = GlobalState(1, {}, {}, {"head": np.ones((2, 3), np.float32)}, {0: 2})
+    path = ckpt.save_checkpoint(tmp_path, state, {"history": []})
+    arrays = load_file(str(path / ckpt.ARRAYS))
+    arrays["dense/head"] = arrays["dense/head"] * 1000  # a forged head
+    save_file(arrays, str(path / ckpt.ARRAYS))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 does not match"):
+        ckpt.load_checkpoint(path)
+    meta = json.loads((path / ckpt.META).read_text())
+    meta["sha256"] = ckpt._sha256(path / ckpt.ARRAYS)
+    meta["meta_sha256"] = ckpt._meta_digest(meta)
+    (path / ckpt.META).write_text(json.dumps(meta))
+    forged, _ = ckpt.load_checkpoint(path)
+    assert forged.dense["head"][0, 0] == 1000.0
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "SHA-256 hashes have no key, so they catch accidents" in readme
+    assert "not forgery" in readme
+
+
+def test_data_labels_on_a_shipped_dataset_is_refused(tmp_path: Path) -> None:
+    line = refused(str(TINY), "--set", "data.labels=['a', 'b']", "--out", str(tmp_path))
+    assert line.startswith("error: data.labels: 'rotten_tomatoes' is a shipped dataset"), line
