@@ -8,14 +8,19 @@ code of 0 for a run whose every round was skipped).
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from helpers.runs import TINY
 from raflora.cli import app
-from raflora.config import ConfigError, load_config
+from raflora.config import Config, ConfigError, load_config
 
 runner = CliRunner()
 
@@ -227,6 +232,8 @@ def test_resources_the_machine_lacks_are_refused_before_ray(tmp_path: Path) -> N
     line = refused(str(TINY), "--set", f"simulation.num_gpus_per_client={gpus + 0.5}", *out)
     assert line.startswith("error: simulation.num_gpus_per_client="), line
     assert ("set it to 0" if gpus == 0 else f"at most {gpus}") in line
+    line = refused(str(TINY), "--set", "simulation.num_cpus_per_client=1e-9", *out)
+    assert line.startswith("error: simulation.num_cpus_per_client=1e-09: Ray counts"), line
     for field in ("train.threads", "federation.server_threads"):
         line = refused(str(TINY), "--set", f"{field}={cores + 1}", *out)
         assert line.startswith(f"error: {field}={cores + 1} exceeds the {cores} CPU cores"), line
@@ -402,3 +409,120 @@ def test_checkpoint_hashes_catch_accidents_not_forgery(tmp_path: Path) -> None:
 def test_data_labels_on_a_shipped_dataset_is_refused(tmp_path: Path) -> None:
     line = refused(str(TINY), "--set", "data.labels=['a', 'b']", "--out", str(tmp_path))
     assert line.startswith("error: data.labels: 'rotten_tomatoes' is a shipped dataset"), line
+
+
+# ----------------------------------------------------------------------------- fuzzing the CLI
+
+SECTIONS = {name: sorted(f.annotation.model_fields) for name, f in Config.model_fields.items()}
+FIELD_NAMES = [f"{section}.{name}" for section, names in SECTIONS.items() for name in names]
+WORD = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
+TEXT = ["minilm", "raflora", "flexlora", "hetlora", "fedit", "flora", "iid", "dirichlet",
+        "merge", "adapter", "clip", "reject", "sqrt", "classification", "causal-lm",
+        "image-classification", "sst2", "mnist5k", "commonsense", "raise", "stall", "..", "/",
+        "", "nan", "-inf", "1e999", "NaN"]  # fmt: skip
+
+
+def _toml_float(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)  # 1.0, 1e+300: both TOML floats
+
+
+SCALAR = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),  # beyond int64: TOML reads it, the fields must not
+    st.sampled_from([0, 1, 2, 3, 8, 33, 64, 129, -1, 2**32, 10**6]).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(_toml_float),
+    st.sampled_from(["0.5", "1e-9", "0.0", "1.5", "1e300"]),
+    st.booleans().map(lambda b: str(b).lower()),
+    st.sampled_from(TEXT).map(json.dumps),  # a TOML string
+    st.sampled_from(TEXT),  # bare: not TOML, so `--set` takes it as a string
+    st.text(max_size=12),  # anything at all
+)
+VALUE = st.recursive(
+    SCALAR,
+    lambda inner: (
+        st.lists(inner, max_size=3).map(lambda items: "[" + ", ".join(items) + "]")
+        | st.dictionaries(WORD, inner, max_size=2).map(
+            lambda table: "{" + ", ".join(f"{k} = {v}" for k, v in table.items()) + "}"
+        )
+    ),
+    max_leaves=5,
+)
+KEY = st.one_of(
+    st.sampled_from(FIELD_NAMES),
+    st.sampled_from(FIELD_NAMES).map(lambda name: name + ".x"),  # into a value
+    st.tuples(st.sampled_from(sorted(SECTIONS)), WORD).map(".".join),  # unknown key
+    st.tuples(WORD, WORD).map(".".join),  # unknown section
+    st.sampled_from(["federation.options.weighting", "clients.rank_tiers.2"]),
+)
+
+
+def plausible(field: str) -> st.SearchStrategy[str]:
+    """A value of the field's own type and about its size (these reach the checks before Ray
+    more often than arbitrary values, which mostly fail validation)."""
+    section, name = field.split(".")
+    default = getattr(getattr(Config(), section), name)
+    if isinstance(default, bool):
+        return st.booleans().map(lambda b: str(b).lower())
+    if isinstance(default, int):
+        return st.integers(0, 70).map(str)
+    if isinstance(default, float):
+        return st.floats(0, 2).map(repr)
+    if isinstance(default, list):
+        return st.lists(st.integers(1, 40).map(str), min_size=1, max_size=3).map(
+            lambda items: "[" + ", ".join(items) + "]"
+        )
+    if isinstance(default, str):
+        return st.sampled_from(TEXT).map(json.dumps)
+    return SCALAR
+
+
+ARBITRARY = st.tuples(KEY, VALUE).map("=".join)
+TYPED = st.sampled_from(FIELD_NAMES).flatmap(lambda f: plausible(f).map(lambda v: f"{f}={v}"))
+OVERRIDES = st.lists(ARBITRARY | TYPED | TYPED, min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(overrides=OVERRIDES)
+def test_fuzzed_overrides_are_valid_or_one_line_and_exit_2(
+    tiny_bert_dir: Path, tmp_path: Path, overrides: list[str]
+) -> None:
+    """`raflora run --check` (config, then every check before Ray) on random overrides: exit 0
+    for a config that is valid and passes preflight, else exit 2 with a single stderr line;
+    never a traceback (the CLI runner returns any exception)."""
+    out = tmp_path / "fuzz"
+    settings_ = [f"model.path={str(tiny_bert_dir)!r}", "data.train_size=120", *overrides]
+    args = [str(TINY), "--out", str(out), "--check"]
+    code, stderr = cli(*args, *(part for s in settings_ for part in ("--set", s)))
+    event(f"exit {code}")
+    if code == 2:
+        assert "Traceback" not in one_error_line(stderr)
+    else:
+        assert code == 0, stderr
+        assert "error:" not in stderr
+        load_config(TINY, settings_)  # valid (raises ConfigError otherwise)
+    assert not out.exists()  # --check writes nothing
+
+
+def test_a_bad_config_in_a_subprocess_is_one_stderr_line_and_exit_2(tmp_path: Path) -> None:
+    """The installed CLI as a user runs it: a non-UTF-8 file and a bad override, one line each."""
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'[run]\nname = "\xff"\n')
+    for args in (
+        [str(bad)],
+        [str(TINY), "--set", "federation.rounds=true", "--set", "run.name=../x"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "raflora.cli", "run", *args, "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert lines[0].startswith("error: run.name: '../x' is not a plain folder name"), lines
+    assert "; federation.rounds: expected a number, got the boolean true" in lines[0]
+    assert not (tmp_path / "o").exists()

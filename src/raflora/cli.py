@@ -66,10 +66,11 @@ def _fail(message: str) -> None:
 
 
 def _config(path: Path | None, overrides: list[str]) -> Config:
+    """The validated config; else exit 2 with its problems on one line, separated by ``; ``."""
     try:
         return load_config(path, overrides)
     except ConfigError as error:
-        _fail(str(error).replace("\n", "\n       "))
+        _fail("; ".join(str(error).splitlines()))
         raise  # unreachable
 
 
@@ -83,6 +84,12 @@ def run(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="parent folder of the run (run.out_dir)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="only check config, data, model and machine (no training, no files)"
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -90,7 +97,8 @@ def run(
 
     Writes config.toml, metrics.csv/json, plots/, checkpoints/ and adapter/ under
     <run.out_dir>/<run.name>. Every config field, its default and meaning: `raflora config`
-    (also in the README).
+    (also in the README). Exit code 2: refused before starting (one line naming the field);
+    1: finished, but rounds were skipped or a client failed every round.
     """
     _setup(verbose)
     overrides = list(set_ or []) + ([f"run.out_dir={str(out)!r}"] if out else [])
@@ -101,6 +109,10 @@ def run(
             f"--resume: no run folder {run_dir} (run.out_dir / run.name); check run.name and "
             "--out, or drop --resume to start a new run"
         )
+    if check:
+        _preflight(cfg, run_dir, resume=resume)
+        console.print(f"checked: {run_dir} can {'resume' if resume else 'start'}")
+        return
     summary = _simulate(cfg, resume=resume, progress=progress)
     from raflora.report import comparison_table, load_run
 
@@ -110,6 +122,17 @@ def run(
         for problem in summary["problems"]:
             err.print(f"[bold red]error:[/] {escape(problem)}")
         raise typer.Exit(1)
+
+
+def _preflight(cfg: Config, run_dir: Path, *, resume: bool) -> None:
+    """What `raflora run` checks before Ray starts (`preflight.check_run`); exit 2 on a problem."""
+    from raflora.federation.checkpoint import CheckpointError
+    from raflora.federation.preflight import RunSetupError, check_run
+
+    try:
+        check_run(cfg, run_dir, resume=resume)
+    except (ConfigError, RunSetupError, CheckpointError) as error:
+        _fail(str(error))
 
 
 def _simulate(cfg: Config, *, resume: bool, progress: bool) -> dict:

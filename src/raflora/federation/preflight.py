@@ -20,6 +20,8 @@ from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint
 from raflora.training import TaskData, lora_shapes
 
+RAY_RESOURCE_STEP = 1e-4  # Ray refuses a resource share that rounds to 0 in its fixed point
+
 
 class RunSetupError(ValueError):
     """The run cannot start: unusable data or an impossible client partition (one line)."""
@@ -145,6 +147,15 @@ def check_machine(config: Config) -> None:
     from raflora.federation.simulation import backend_config
 
     sim, cpus = config.simulation, backend_config(config)["init_args"]["num_cpus"]
+    for field, share in (
+        ("simulation.num_cpus_per_client", sim.num_cpus_per_client),
+        ("simulation.num_gpus_per_client", sim.num_gpus_per_client),
+    ):
+        if 0 < share < RAY_RESOURCE_STEP:
+            raise RunSetupError(
+                f"{field}={share:g}: Ray counts resources in steps of {RAY_RESOURCE_STEP:g}; "
+                f"use at least {RAY_RESOURCE_STEP:g}"
+            )
     if sim.num_cpus_per_client > cpus:
         raise RunSetupError(
             f"simulation.num_cpus_per_client={sim.num_cpus_per_client:g} exceeds the {cpus} "
