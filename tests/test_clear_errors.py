@@ -1,8 +1,10 @@
 """Issue 22, "clear errors instead of tracebacks or hangs": each bad input is refused with one
 line naming the config field and the fix (exit code 2 from `raflora run`), before Ray starts.
 
-Each test here failed on main b310f98 (a traceback, a hang, a silently wrong run, or an exit
-code of 0 for a run whose every round was skipped).
+Each item's test failed on main b310f98 (a traceback, a hang, a silently wrong run, or an exit
+code of 0 for a run whose every round was skipped); a few companions check that what is still
+valid stays valid (the largest seed, TOML integers in float fields, the largest fitting rank).
+Runs that would start Ray fail at once instead (`no_simulation`).
 """
 
 from __future__ import annotations
