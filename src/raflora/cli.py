@@ -66,10 +66,11 @@ def _fail(message: str) -> None:
 
 
 def _config(path: Path | None, overrides: list[str]) -> Config:
+    """The validated config; else exit 2 with its problems on one line, separated by ``; ``."""
     try:
         return load_config(path, overrides)
     except ConfigError as error:
-        _fail(str(error).replace("\n", "\n       "))
+        _fail("; ".join(str(error).splitlines()))
         raise  # unreachable
 
 
@@ -85,7 +86,12 @@ def run(
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
     dry_run: Annotated[
-        bool, typer.Option(help="check config, data, model, targets and ranks; train nothing")
+        bool,
+        typer.Option(
+            help="run every check a run does before Ray starts (config, data, model, machine, "
+            "devices, targets, ranks), print bytes per round and memory per client; train "
+            "nothing, write nothing"
+        ),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -94,27 +100,43 @@ def run(
     Writes config.toml, metrics.csv/json, plots/, checkpoints/ and adapter/ under
     <run.out_dir>/<run.name>. Every config field, its default and meaning: `raflora config`
     (also in the README). --dry-run validates everything without training and prints the
-    bytes per round and memory per client.
+    bytes per round and memory per client. Exit code 2: refused before starting (one line
+    naming the field); 1: finished, but rounds were skipped or a client failed every round.
     """
     _setup(verbose)
     overrides = list(set_ or []) + ([f"run.out_dir={str(out)!r}"] if out else [])
     cfg = _config(config, overrides)
-    if dry_run:
-        _dry_run(cfg)
-        return
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if resume and not run_dir.is_dir():
         _fail(
             f"--resume: no run folder {run_dir} (run.out_dir / run.name); check run.name and "
             "--out, or drop --resume to start a new run"
         )
+    if dry_run:
+        _preflight(cfg, run_dir, resume=resume)
+        _dry_run(cfg)
+        console.print(f"checked: {run_dir} can {'resume' if resume else 'start'}")
+        return
     summary = _simulate(cfg, resume=resume, progress=progress)
     from raflora.report import comparison_table, load_run
 
     _print_table(comparison_table([load_run(Path(cfg.run.out_dir) / cfg.run.name)]))
     console.print(f"outputs in [bold]{Path(cfg.run.out_dir) / cfg.run.name}[/]")
-    if summary.get("skipped_rounds"):
-        err.print(f"[yellow]{summary['skipped_rounds']} round(s) skipped: too few valid replies[/]")
+    if summary.get("problems"):  # skipped rounds, clients that never contributed
+        for problem in summary["problems"]:
+            err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(1)
+
+
+def _preflight(cfg: Config, run_dir: Path, *, resume: bool) -> None:
+    """What `raflora run` checks before Ray starts (`preflight.check_run`); exit 2 on a problem."""
+    from raflora.federation.checkpoint import CheckpointError
+    from raflora.federation.preflight import RunSetupError, check_run
+
+    try:
+        check_run(cfg, run_dir, resume=resume)
+    except (ConfigError, RunSetupError, CheckpointError) as error:
+        _fail(str(error))
 
 
 def _dry_run(cfg: Config) -> None:

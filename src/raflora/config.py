@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,9 +29,33 @@ from pydantic import (
     model_validator,
 )
 
-PositiveInt = Annotated[int, Field(gt=0)]
+
+def _not_bool(value: Any) -> Any:
+    """A boolean is no number here: ``rounds = true`` is a mistake, not 1 (pydantic's lax mode
+    would take it as 1; strict mode would also refuse TOML's ``lr = 1`` for a float)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+
+
+def _label_text(value: Any) -> Any:
+    """A class label as text: strings as given, integers (not booleans) as decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"labels are strings or integers (got {value!r})")
+    return value
+
+
+LabelValue = Annotated[str, BeforeValidator(_label_text)]
+SEED_LIMIT = 2**32  # numpy's legacy seeding (transformers' set_seed) takes 0 ≤ seed < 2**32
 DEFAULT_RANKS = (2, 4, 8)  # client ranks when the config names none (cycled over the clients)
-PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ConfigError(ValueError):
@@ -52,11 +77,31 @@ class RunSection(_Section):
     """run folder name: outputs go to <out_dir>/<name>/"""
     out_dir: str = "runs"
     """parent folder of run folders"""
-    seed: int = 0
-    """one seed for data split, partitions, ranks, LoRA init, client sampling"""
+    seed: Int = 0
+    """one seed for data split, partitions, ranks, LoRA init, client sampling (0 ≤ seed < 2**32)"""
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """experiment trackers fed each round's metrics.csv row and energy plot, written offline
     under the run folder (needs `pip install 'raflora[track]'`)"""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} is not a plain folder name (no '/', '\\', '..' or empty name): "
+                "outputs go to <out_dir>/<name>/; choose the parent with run.out_dir or --out"
+            )
+        return name
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(
+                f"must be an integer from 0 to {SEED_LIMIT - 1} = 2**32 - 1, the range every "
+                f"seeded library accepts (got {seed})"
+            )
+        return seed
 
 
 class ModelSection(_Section):
@@ -70,7 +115,7 @@ class ModelSection(_Section):
     """LoRA alpha; scaling alpha/r (or alpha/sqrt(r) with rslora)"""
     rslora: bool = False
     """rank-stabilised scaling alpha/sqrt(r)"""
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    lora_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """dropout on the LoRA input"""
     max_length: PositiveInt = 64
     """tokens per example (text tasks)"""
@@ -100,34 +145,49 @@ class ModelSection(_Section):
 class DataSection(_Section):
     name: str = "rotten_tomatoes"
     """shipped dataset name(s), comma-separated, or a file/folder path"""
-    train_size: Annotated[int, Field(ge=0)] = 0
+    train_size: Annotated[Int, Field(ge=0)] = 0
     """examples kept for training (0 = all)"""
-    test_size: Annotated[int, Field(ge=0)] = 0
+    test_size: Annotated[Int, Field(ge=0)] = 0
     """held-out examples for server evaluation (0 = all)"""
     text_field: str | None = None
     """column holding the text (general loader)"""
     label_field: str | None = None
     """column holding the label (general loader)"""
+    labels: list[LabelValue] | None = None
+    """the classes of a data file, in order (class i = labels[i]), as its label field holds them,
+    e.g. ["neg", "pos"] or [0, 1, 50]; a row with another label is refused. Needed when integer
+    labels are not 0..K-1; unset: integer labels are class indices 0..K-1, text labels sorted"""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None:
+            if len(labels) < 2:
+                raise ValueError(f"classification needs at least 2 classes (got {labels})")
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"each class once (repeated: {repeated})")
+        return labels
     partition: Literal["iid", "dirichlet"] = "dirichlet"
     """how training data is split"""
     dirichlet_alpha: PositiveFloat = 0.5
     """label skew: small = very non-IID"""
     min_client_size: PositiveInt = 8
     """every client gets at least this many examples (IID: equal shares, refused below)"""
-    local_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    local_val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1
     """client-side eval split"""
 
 
 class ClientsSection(_Section):
     num_clients: PositiveInt = 3
     """number of clients (Flower SuperNodes)"""
-    ranks: list[int] | None = None
+    ranks: list[Int] | None = None
     """explicit rank per client (cycled if shorter)"""
-    rank_tiers: dict[int, float] | None = None
+    rank_tiers: dict[Int, Float] | None = None
     """{rank: fraction}, fractions sum to 1"""
-    memory_budgets_mb: list[float] | None = None
+    memory_budgets_mb: list[PositiveFloat] | None = None
     """per client: largest candidate rank that fits"""
-    candidate_ranks: list[int] = [2, 4, 8, 16, 32, 64]
+    candidate_ranks: list[Int] = [2, 4, 8, 16, 32, 64]
     """ranks considered for memory budgets"""
 
     @field_validator("ranks", "candidate_ranks")
@@ -191,7 +251,7 @@ class FederationSection(_Section):
     """aggregation method from the registry (`raflora methods`)"""
     rounds: PositiveInt = 2
     """federated rounds"""
-    fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0
+    fraction_train: Annotated[Float, Field(gt=0, le=1)] = 1.0
     """share of clients sampled per round"""
     min_clients: PositiveInt = 1
     """fewest successful replies for a round to count"""
@@ -214,7 +274,7 @@ class FederationSection(_Section):
     """bound on a client's ‖ΔW‖_F per module"""
     norm_policy: Literal["reject", "clip"] = "reject"
     """what to do with an update above the bound"""
-    server_threads: Annotated[int, Field(ge=0)] = 0
+    server_threads: Annotated[Int, Field(ge=0)] = 0
     """torch threads for the server's aggregation and SVDs (0 = every core it may use); fixed so
     a run's numbers do not depend on the process the server runs in"""
     server_device: str = "cpu"
@@ -267,19 +327,19 @@ class FederationSection(_Section):
 
 
 class TrainSection(_Section):
-    local_steps: Annotated[int, Field(ge=0)] = 10
+    local_steps: Annotated[Int, Field(ge=0)] = 10
     """optimiser steps per round (0: use epochs)"""
-    local_epochs: Annotated[int, Field(ge=0)] = 0
+    local_epochs: Annotated[Int, Field(ge=0)] = 0
     """passes over local data per round"""
     batch_size: PositiveInt = 16
     """examples per step"""
     lr: PositiveFloat = 5e-4
     """AdamW learning rate"""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     """AdamW weight decay"""
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    grad_clip: Annotated[Float, Field(ge=0)] = 1.0
     """max grad norm (0 = off)"""
-    threads: Annotated[int, Field(ge=0)] = 1
+    threads: Annotated[Int, Field(ge=0)] = 1
     """torch threads per client (0 = torch default)"""
     device: str = "auto"
     """where clients train: auto (the GPU the process may use: in simulation the one Ray assigned,
@@ -311,18 +371,18 @@ class EvalSection(_Section):
 class SimulationSection(_Section):
     num_cpus_per_client: PositiveFloat = 1.0
     """Ray resources per client"""
-    num_gpus_per_client: Annotated[float, Field(ge=0)] = 0.0
+    num_gpus_per_client: Annotated[Float, Field(ge=0)] = 0.0
     """Ray GPU share per client"""
 
 
 class FaultsSection(_Section):
     """Fault injection for robustness tests: which clients misbehave, seeded per round."""
 
-    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    fraction: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """share of clients failing each round"""
     mode: Literal["raise", "stall", "vanish"] = "raise"
     """exception / too slow / process exits"""
-    stall_s: Annotated[float, Field(ge=0)] = 30.0
+    stall_s: Annotated[Float, Field(ge=0)] = 30.0
     """how long a stalling client sleeps"""
 
 
@@ -447,7 +507,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); TOML files "
+                "must be UTF-8: save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     return config_from_dict(apply_overrides(data, overrides or []))

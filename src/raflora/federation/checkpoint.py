@@ -9,6 +9,7 @@ arrays file and of its own content). A checkpoint is written into a temporary fo
 renamed into place, so a crash leaves either the whole checkpoint or none (a failed write
 removes its temporary folder, a failed rewrite keeps the old checkpoint); loading checks both
 hashes and the keys and raises `CheckpointError` rather than returning a half-loaded state.
+The hashes have no key: they catch accidents (truncation, bit rot, a stray edit), not forgery.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ META = "state.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, tampered with, or of another format."""
+    """A checkpoint is missing, truncated, damaged or edited, or of another format."""
 
 
 def _sha256(path: Path) -> str:

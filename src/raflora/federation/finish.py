@@ -42,6 +42,35 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_problems(history: list[dict[str, Any]], min_clients: int) -> list[str]:
+    """Why a run that finished is not a success, one line each: rounds skipped for fewer than
+    ``min_clients`` valid replies, and clients that failed or were rejected in every round they
+    were sampled in (they never contributed; the first reason is quoted)."""
+    trained = [r for r in history if r["round"] > 0]
+    problems = []
+    skipped = [r["round"] for r in trained if r.get("skipped")]
+    if skipped:
+        problems.append(
+            f"{len(skipped)} of {len(trained)} round(s) skipped (rounds "
+            f"{', '.join(map(str, skipped))}): fewer than federation.min_clients={min_clients} "
+            "valid replies; see failures and rejections in metrics.json"
+        )
+    outcomes: dict[str, list[str | None]] = {}  # client → per sampled round: why not, or None
+    for record in trained:
+        for pid in record.get("clients", []):
+            outcomes.setdefault(str(pid), []).append(None)
+        for kind in ("failures", "rejections"):
+            for pid, reason in record.get(kind, {}).items():
+                outcomes.setdefault(str(pid), []).append(reason)
+    for pid, reasons in sorted(outcomes.items(), key=lambda item: int(item[0])):
+        if reasons and all(reason is not None for reason in reasons):
+            problems.append(
+                f"client {pid} failed in every round it was sampled in ({len(reasons)}): "
+                f"{' '.join(str(reasons[0]).split())[:300]}"
+            )
+    return problems
+
+
 def finish_run(config: Config, run_dir: Path, wall_seconds: float | None = None) -> dict[str, Any]:
     """Write plots, ``adapter/`` (full-rank global update, PEFT format) and ``run.json``."""
     run_dir = Path(run_dir)
@@ -67,6 +96,7 @@ def finish_run(config: Config, run_dir: Path, wall_seconds: float | None = None)
         "versions": versions(),
         "config": config.to_dict(),
         **final_metrics(history),
+        "problems": run_problems(history, config.federation.min_clients),
     }
     write_atomic(run_dir / "run.json", json.dumps(summary, indent=1))
     return summary

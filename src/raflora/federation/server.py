@@ -34,7 +34,9 @@ from raflora.math.round import GlobalState
 from raflora.training import partition_table
 
 log = logging.getLogger("raflora")
-RESUMABLE_CHANGES = {("federation", "rounds")}  # may differ between a run and its resumption
+# May differ between a run and its resumption: the rounds, and where the run folder is (a
+# resume continues the folder it is pointed at, named relative or absolute, moved or renamed).
+RESUMABLE_CHANGES = {("federation", "rounds"), ("run", "out_dir"), ("run", "name")}
 # Finding the clients waits at least this long, however short the round timeout: the query is
 # every client's first message (process start, imports, model and data loading).
 STARTUP_TIMEOUT_S = 600.0

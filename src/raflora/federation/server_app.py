@@ -47,7 +47,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, run_dir, resume = config_from_run_config(dict(context.run_config))
-    # one-line errors before any client is asked; the clients check their own devices
-    check_run(config, run_dir, resume=resume, clients_here=False)
+    # one-line errors before any client is asked; machine, devices and ranks are the nodes'
+    check_run(config, run_dir, resume=resume, simulation=False)
     FederatedRun(config, run_dir, resume=resume).main(grid)
     finish_run(config, run_dir)

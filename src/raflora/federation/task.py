@@ -59,6 +59,7 @@ def load_data(config_json: str) -> TaskData:
         test_size=data.test_size or None,
         text_field=data.text_field,
         label_field=data.label_field,
+        labels=data.labels,
     )
 
 

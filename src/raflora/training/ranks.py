@@ -16,6 +16,7 @@ their gradients and AdamW's two moments. ``base_memory_mb`` covers the frozen ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -126,9 +127,10 @@ def ranks_within_budgets(budgets_mb: Sequence[float], need_mb: Mapping[int, floa
     for client, budget in enumerate(budgets_mb):
         fitting = [rank for rank in candidates if need_mb[rank] <= budget]
         if not fitting:
+            smallest = math.ceil(need_mb[candidates[0]] * 10) / 10  # rounded up: this fits
             raise ValueError(
-                f"client {client}: memory budget {budget:g} MB fits no candidate "
-                f"rank (rank {candidates[0]} needs {need_mb[candidates[0]]:.1f} MB)"
+                f"client {client}: memory budget {budget:g} MB fits no candidate rank; the "
+                f"smallest budget that works is {smallest:.1f} MB (rank {candidates[0]})"
             )
         ranks.append(fitting[-1])
     return ranks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from raflora.training.data import shipped
@@ -31,7 +32,13 @@ def _names(name_or_path: str) -> list[str]:
 
 
 def _general(
-    path: Path, kind: str, seed: int, test_fraction: float, fields: Fields, num_labels: int | None
+    path: Path,
+    kind: str,
+    seed: int,
+    test_fraction: float,
+    fields: Fields,
+    num_labels: int | None,
+    labels: Sequence[str] | None = None,
 ) -> shipped.Loaded:
     if kind == "image-classification":
         raise ValueError(
@@ -41,6 +48,11 @@ def _general(
     label_field = fields.label or "label"
     train_rows, test_rows, names = read_source(path, label_field)
     if kind == "multiple-choice":
+        if labels is not None:
+            raise ValueError(
+                f"data.labels: {str(path)!r} is multiple-choice data (its answers index its "
+                "choices); data.labels is for classification labels: drop it"
+            )
         rows = train_rows + (test_rows or [])
         examples = choice_examples(rows, fields, task=path.stem)
         width = max(len(example.choices) for example in examples)  # type: ignore[union-attr]
@@ -49,7 +61,9 @@ def _general(
         if fields.label is None:
             label_field = next((f for f in LABEL if f in train_rows[0][1]), "label")
         rows = train_rows + (test_rows or [])
-        examples, label_list = classification_examples(rows, fields, names, num_labels, label_field)
+        examples, label_list = classification_examples(
+            rows, fields, names, num_labels, label_field, labels
+        )
         label_names = tuple(label_list)
         present = sorted({example.label for example in examples})
         if len(present) < 2:
@@ -92,6 +106,7 @@ def load_task_data(
     answer_field: str | None = None,
     num_labels: int | None = None,
     test_fraction: float = 0.2,
+    labels: Sequence[str] | None = None,
 ) -> TaskData:
     """Load a task's train/test examples.
 
@@ -104,6 +119,8 @@ def load_task_data(
     the data kind or the model task (``causal-lm`` → ``multiple-choice``). Data without its own
     test split is split seeded and stratified (``test_fraction``). ``train_size`` /
     ``test_size`` (None or 0 = all) keep a seeded random subset — per task in a mixture.
+    ``labels`` (``data.labels``, files only) declares a classification file's classes in order
+    (see `classification_examples`).
     """
     kind = _kind(task)
     fields = Fields(
@@ -113,10 +130,15 @@ def load_task_data(
     parts: list[tuple[str, shipped.Loaded]] = []
     for name in _names(name_or_path):
         if name in loaders:
+            if labels is not None:
+                raise ValueError(
+                    f"data.labels: {name!r} is a shipped dataset with its own labels; "
+                    "data.labels is for data files: drop it"
+                )
             loaded = loaders[name](seed, test_fraction)
         else:
             loaded = _general(
-                Path(name).expanduser(), kind, seed, test_fraction, fields, num_labels
+                Path(name).expanduser(), kind, seed, test_fraction, fields, num_labels, labels
             )
         if loaded[3] != kind:
             raise ValueError(

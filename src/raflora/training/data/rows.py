@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,67 @@ def label_vocabulary(raw: list[Any], names: list[str] | None) -> tuple[list[str]
     return sorted({str(value) for value in raw}), False
 
 
+def _non_finite(value: Any) -> bool:
+    """NaN or ±inf, as a JSON number or as text (``"NaN"``, ``"inf"``, ``"-Infinity"``)."""
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def check_label_value(row: Row, field: str, value: Any) -> None:
+    """A label is a string or an integer, never NaN/inf (a missing value, not a class)."""
+    where = row[0]
+    if not isinstance(value, str | int | float):
+        raise ValueError(
+            f"{where}: field {field!r}: label {value!r} is a {type(value).__name__}; labels "
+            "are strings or integers"
+        )
+    if _non_finite(value):
+        raise ValueError(
+            f"{where}: field {field!r}: label {value!r} is a missing or non-finite value, not a "
+            "class; fix or drop the row (if it is a class, list every class in data.labels)"
+        )
+
+
+def _label_text(value: Any) -> str:
+    """How a label value is matched against ``data.labels``: integers (also ``1.0``, ``true``)
+    as their decimal text, anything else as its text."""
+    if isinstance(value, bool | int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return str(value)
+
+
+def declared_label(row: Row, field: str, value: Any, labels: Sequence[str]) -> int:
+    """The index of a row's label in ``data.labels`` (the text as given, else as an integer)."""
+    for text in (str(value), _label_text(value)):
+        if text in labels:
+            return list(labels).index(text)
+    shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+    raise ValueError(
+        f"{row[0]}: field {field!r}: label {value!r} is not one of data.labels [{shown}]; add "
+        "it there or fix the row"
+    )
+
+
+def check_contiguous(rows: list[Row], field: str, raw: list[Any]) -> int:
+    """Integer labels without declared names are class indices: they must be exactly 0..K-1
+    (K = number of distinct values), so one stray label (50 among 0 and 1) cannot silently make
+    a 51-class head. Returns K; raises naming the first row outside 0..K-1."""
+    values = sorted({int(value) for value in raw})
+    count = len(values)
+    if values == list(range(count)):
+        return count
+    pairs = zip(rows, raw, strict=True)
+    row, value = next((r, int(v)) for r, v in pairs if not 0 <= int(v) < count)
+    shown = ", ".join(map(str, values[:10])) + (", ..." if count > 10 else "")
+    raise ValueError(
+        f"{row[0]}: field {field!r}: label {value} out of range: integer labels must be the "
+        f"classes 0..{count - 1} ({count} distinct values: {shown}); fix the row, or list the "
+        f"classes in data.labels (e.g. labels = [{shown}])"
+    )
+
+
 def to_label(
     row: Row, field: str, value: Any, names: list[str] | None, numeric: bool, num_labels: int
 ) -> int:
@@ -70,19 +132,31 @@ def classification_examples(
     names: list[str] | None,
     num_labels: int | None,
     label_field: str,
+    labels: Sequence[str] | None = None,
 ) -> tuple[list[Example], list[str]]:
-    """Text examples and the label names (``str(i)`` when the data gives none)."""
+    """Text examples and the label names (``str(i)`` when the data gives none).
+
+    ``labels`` (``data.labels``) declares the classes in order: class i is ``labels[i]``, and a
+    row with any other label is refused. Without it, integer labels are class indices and must
+    be 0..K-1; other labels are classes sorted by their text."""
     first = rows[0]
     text_field, pair_field = fields.text, fields.text_pair
     if text_field is None:
         pair = next((p for p in PAIRS if p[0] in first[1] and p[1] in first[1]), None)
         text_field, pair_field = pair if pair else (_pick(None, TEXT, first, "text"), None)
     raw = [_get(row, label_field) for row in rows]
-    names, numeric = label_vocabulary(raw, names)
-    if num_labels is None:
-        # integer labels are class indices: never more classes than examples (a stray huge
-        # label would otherwise build a classifier head of that size)
-        num_labels = len(names) if names else min(max(int(v) for v in raw) + 1, len(rows))
+    if labels is not None:
+        pairs = zip(rows, raw, strict=True)
+        indices = [declared_label(row, label_field, value, labels) for row, value in pairs]
+        names, numeric, num_labels, raw = list(labels), True, len(labels), indices
+    else:
+        for row, value in zip(rows, raw, strict=True):
+            check_label_value(row, label_field, value)
+        names, numeric = label_vocabulary(raw, names)
+        if num_labels is None and names is None:
+            num_labels = check_contiguous(rows, label_field, raw)
+        elif num_labels is None:
+            num_labels = len(names)
     examples: list[Example] = [
         TextExample(
             text=str(_get(row, text_field)),
