@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -86,8 +87,21 @@ def csv_rows(history: list[dict[str, Any]], bounds: list[int]) -> list[dict[str,
     return rows
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN or ±Inf float (nested in dicts and lists) replaced by None: JSON
+    has no such numbers, and Python's NaN/Infinity tokens break standard parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], bounds: list[int]) -> None:
-    write_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))
+    """metrics.json (standard JSON: non-finite numbers become null) and metrics.csv."""
+    write_atomic(run_dir / "metrics.json", json.dumps(finite(history), indent=1, allow_nan=False))
     rows = csv_rows(history, bounds)
     buffer = io.StringIO()
     columns = list(dict.fromkeys(key for row in rows for key in row))

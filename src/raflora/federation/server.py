@@ -24,7 +24,7 @@ from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.global_state import GlobalState
-from raflora.federation.outputs import write_config, write_metrics
+from raflora.federation.outputs import finite, write_config, write_metrics
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.validation import Expectation
@@ -117,7 +117,7 @@ def round_record(
     """One row of metrics.json: counts, losses, accuracies, diagnostics, bytes, failures."""
     diag, client = current.diagnostics, current.client_eval
     server = server or {}
-    return {
+    record = {
         "round": current.round,
         "sampled": len(current.sampled),
         "ok": len(current.ok),
@@ -151,11 +151,16 @@ def round_record(
         "clients": current.ok,
         "failures": {str(k): v for k, v in current.failed.items()},
         "rejections": {str(k): v for k, v in current.rejected.items()},
+        "clipped": {str(k): v for k, v in sorted(current.clipped.items())},
+        "ignored_evaluations": {str(k): v for k, v in sorted(current.ignored_evaluations.items())},
+        "client_examples": {str(k): v for k, v in sorted(current.examples.items())},
+        "contributions": {str(k): v for k, v in sorted(current.contributions.items())},
         "server_metrics": server,
         "client_metrics": client,
         "client_time": {str(k): v for k, v in sorted(current.client_time.items())},
         "per_module": diag.get("per_module", {}),
     }
+    return finite(record)  # standard JSON: a diverged model's NaN loss is written as null
 
 
 def client_table(config: Config, strategy: HeteroRankStrategy) -> Any:
@@ -226,6 +231,8 @@ class FederatedRun:
             max_norm=config.federation.max_update_norm,
             norm_policy=config.federation.norm_policy,
             allow_lower_rank=config.federation.method == "hetlora",
+            max_total_norm=config.federation.max_total_update_norm,
+            max_num_examples=config.federation.max_num_examples,
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)
