@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from raflora.federation import client as work
 from raflora.federation import messages as msg
-from raflora.federation.faults import hostile_reply, maybe_fail
+from raflora.federation.faults import claimed_size, hostile_reply, maybe_fail
 
 app = ClientApp()
 
@@ -40,7 +40,7 @@ def query(message: Message, context: Context) -> Message:
         {
             msg.PARTITION_ID: ctx.partition_id,
             msg.RANK: ctx.rank,
-            msg.NUM_EXAMPLES: ctx.data.num_examples,
+            msg.NUM_EXAMPLES: claimed_size(ctx.config, ctx.partition_id, ctx.data.num_examples),
             "pid": os.getpid(),
         }
     )

@@ -8,7 +8,9 @@ client process exits without replying). The hostile modes exist to test the serv
 - ``scale``: replies ``(s B, A)`` with ``s = strength`` (its update ``B A`` ×s, a "boosted"
   update) and moves its dense trainables s times as far from what it was sent;
 - ``signflip``: the same with ``s = −strength`` (the update's sign flipped and boosted);
-- ``inflate``: claims ``strength`` times its ``num-examples`` (its aggregation weight).
+- ``inflate``: claims ``strength`` times its ``num-examples`` (its aggregation weight) in its
+  train replies, and, if it is one of ``faults.clients``, in the query round too (a consistent
+  liar, which only ``federation.max_num_examples`` can stop).
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def maybe_fail(config: Config, server_round: int, partition_id: int) -> None:
     if mode == "vanish":
         os._exit(17)
     raise InjectedFault(f"injected failure: client {partition_id}, round {server_round}")
+
+
+def claimed_size(config: Config, partition_id: int, num_examples: int) -> int:
+    """The data size a client reports in the query round: inflated for ``inflate`` clients
+    named in ``faults.clients``, else the truth."""
+    faults = config.faults
+    if faults.mode == "inflate" and partition_id in (faults.clients or []):
+        return round(num_examples * faults.strength)
+    return num_examples
 
 
 def hostile_reply(
