@@ -28,12 +28,6 @@ Factors = tuple[np.ndarray, np.ndarray]  # B (m, r), A (r, n)
 BISECTIONS = 200  # halvings of [0, 1]: c is found to far below float64 resolution near 0
 
 
-def _inner(left: Factors, right: Factors) -> float:
-    """``⟨X1 Y1, X2 Y2⟩_F = Σ (X1ᵀ X2) ⊙ (Y1 Y2ᵀ)`` from ``(X1, Y1)``, ``(X2, Y2)``."""
-    (X1, Y1), (X2, Y2) = left, right
-    return float(np.sum((X1.T @ X2) * (Y1 @ Y2.T)))
-
-
 @dataclass(frozen=True)
 class StepPath:
     """One module's step from ``start`` (in the reply's rank) by ``step`` (``ΔB``, ``ΔA``), with
@@ -58,25 +52,36 @@ class StepPath:
 
 
 def step_path(start: Factors | None, reply: Factors) -> StepPath:
-    """The path from `start` (``B0``, ``A0``; None for a fresh LoRA) to `reply` (``B``, ``A``)."""
+    """The path from `start` (``B0``, ``A0``; None for a fresh LoRA) to `reply` (``B``, ``A``).
+
+    Every ``T_i = X[:, x_i] Y[y_i]`` is a block of ``X = [ΔB, B0, −B0_tail]`` (m × (2r + t)) and
+    ``Y = [A0; ΔA; A0_tail]``, so ``⟨T_i, T_j⟩ = Σ (XᵀX)[x_i, x_j] ⊙ (Y Yᵀ)[y_i, y_j]`` comes
+    from two Gram matrices: ``(m + n)(2r + t)²`` multiply-adds for all five coefficients.
+    """
     B, A = (np.asarray(x, np.float64) for x in reply)
     m, r = B.shape
     n = A.shape[1]
     B0, A0 = np.zeros((m, r)), np.zeros((r, n))
-    parts: list[tuple[int, Factors]] = []  # (power of c, factors of T_power)
+    tail_B, tail_A = np.zeros((m, 0)), np.zeros((0, n))
     if start is not None:
         S_B, S_A = (np.asarray(x, np.float64) for x in start)
         r0 = min(r, S_B.shape[1])
         B0[:, :r0], A0[:r0] = S_B[:, :r0], S_A[:r0]
-        if S_B.shape[1] > r:
-            parts.append((0, (-S_B[:, r:], S_A[r:])))
+        tail_B, tail_A = -S_B[:, r:], S_A[r:]  # empty unless the reply dropped directions
     dB, dA = B - B0, A - A0
-    parts.append((1, (np.hstack([dB, B0]), np.vstack([A0, dA]))))
-    parts.append((2, (dB, dA)))
+    X = np.hstack([dB, B0, tail_B])
+    Y = np.vstack([A0, dA, tail_A])
+    GX, GY = X.T @ X, Y @ Y.T
+    t = tail_B.shape[1]
+    blocks = {  # power of c → (columns of X, rows of Y) of its term
+        0: (slice(2 * r, 2 * r + t), slice(2 * r, 2 * r + t)),
+        1: (slice(0, 2 * r), slice(0, 2 * r)),
+        2: (slice(0, r), slice(r, 2 * r)),
+    }
     coefficients = np.zeros(5)
-    for i, left in parts:
-        for j, right in parts:
-            coefficients[i + j] += _inner(left, right)
+    for i, (xi, yi) in blocks.items():
+        for j, (xj, yj) in blocks.items():
+            coefficients[i + j] += float(np.sum(GX[xi, xj] * GY[yi, yj]))
     return StepPath((B0, A0), (dB, dA), coefficients)
 
 
