@@ -100,6 +100,6 @@ def check_run(config: Config, run_dir: Path, *, resume: bool = False) -> None:
     """Everything above, in the order a run would meet it."""
     if resume:
         check_resume(run_dir)
-    else:
-        check_new_run(run_dir)
     check_data(config)
+    if not resume:
+        check_new_run(run_dir)
