@@ -384,11 +384,11 @@ def test_checkpoint_hashes_catch_accidents_not_forgery(tmp_path: Path) -> None:
     """What the README says of the hashes, shown: a changed array with stale hashes is refused,
     the same change with its hashes recomputed (no key needed) loads."""
     import numpy as np
-    from raflora.math.round import GlobalState
     from safetensors.numpy import load_file, save_file
 
     from helpers.runs import ROOT
     from raflora.federation import checkpoint as ckpt
+    from raflora.math.round import GlobalState
 
     state = GlobalState(1, {}, {}, {"head": np.ones((2, 3), np.float32)}, {0: 2})
     path = ckpt.save_checkpoint(tmp_path, state, {"history": []})

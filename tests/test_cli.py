@@ -103,6 +103,34 @@ def test_resume_of_a_missing_run_folder_is_refused(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
+def test_a_new_run_into_a_folder_holding_a_run_is_refused(tiny_bert_dir, tmp_path):
+    """Issue 22.1: `raflora run` without --resume into runs/tiny, which holds a finished run,
+    stops with one line (exit 2) before it starts and leaves the old run as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers.runs import run_in_process, tiny_config
+
+    run_dir = tmp_path / "tiny"  # examples/tiny.toml: run.name = "tiny"
+    config = tiny_config(tiny_bert_dir, "federation.rounds=1", f"run.out_dir={str(tmp_path)!r}")
+    run_in_process(config, run_dir)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert {"run.json", "metrics.json"} <= {p.name for p in before}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-m", "raflora.cli", "run", str(ROOT / "examples" / "tiny.toml"),
+         "--set", "federation.method=flexlora", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{run_dir} already holds a run (run.json" in lines[0]
+    assert "--resume" in lines[0] and "run.name" in lines[0] and "--out" in lines[0]
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
 def test_best_accuracy_counts_trained_rounds_only():
     from raflora.federation.finish import final_metrics
 

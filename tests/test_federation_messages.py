@@ -111,8 +111,8 @@ def check(lora=None, dense=None, num_examples=10, rank=3, expectation=None):
 
 def test_a_valid_reply_passes_unchanged() -> None:
     lora = factors(3)
-    update, clipped = check(lora=lora)
-    assert clipped == 0
+    update, review = check(lora=lora)
+    assert review.clipped_modules == 0
     assert (update.partition_id, update.rank, update.num_examples) == (4, 3, 10)
     assert all(update.factors[n][0] is lora[n][0] for n in MODULES)
 
@@ -209,8 +209,8 @@ def test_clipping_scales_the_update_to_the_bound() -> None:
     lora = factors(3)
     norms = {n: np.linalg.norm(lora[n][0].astype(np.float64) @ lora[n][1]) for n in MODULES}
     bound = 0.5 * min(norms.values())
-    update, clipped = check(lora=lora, expectation=expect(max_norm=bound, norm_policy="clip"))
-    assert clipped == len(MODULES)
+    update, review = check(lora=lora, expectation=expect(max_norm=bound, norm_policy="clip"))
+    assert review.clipped_modules == len(MODULES)
     for name in MODULES:
         B, A = update.factors[name]
         assert B.dtype == np.float32
@@ -222,6 +222,6 @@ def test_clipping_scales_the_update_to_the_bound() -> None:
 
 def test_clipping_leaves_small_updates_alone() -> None:
     lora = factors(3)
-    update, clipped = check(lora=lora, expectation=expect(max_norm=1e6, norm_policy="clip"))
-    assert clipped == 0
+    update, review = check(lora=lora, expectation=expect(max_norm=1e6, norm_policy="clip"))
+    assert review.clipped_modules == 0
     assert all(np.array_equal(update.factors[n][0], lora[n][0]) for n in MODULES)

@@ -345,7 +345,8 @@ def test_rounds_with_too_few_clients_are_skipped_and_nothing_is_exported(runs) -
 
 def test_sparse_server_evaluation_and_clipped_updates(runs) -> None:
     """eval.every=2 of 3 rounds: the server evaluates rounds 0, 2 and the last; a tiny norm
-    bound with the clip policy clips every module of every client and still aggregates."""
+    bound with the clip policy clips every module of every client (named in metrics.json) and
+    still aggregates."""
     run = runs(
         "every-2-clip",
         "federation.rounds=3",
@@ -355,7 +356,9 @@ def test_sparse_server_evaluation_and_clipped_updates(runs) -> None:
     )
     history = run["history"]
     assert [r["server_accuracy"] is not None for r in history] == [True, False, True, True]
-    assert all(r["clipped_modules"] == 3 * 4 and r["ok"] == 3 for r in history[1:])
+    for r in history[1:]:  # every LoRA module (4) of every client, and heads that moved far
+        assert r["clipped_modules"] >= 3 * 4 and r["ok"] == 3
+        assert set(r["clipped"]) == {"0", "1", "2"}
     summary = finish_run(run["config"], run["run_dir"])
     assert summary["final_accuracy"] == history[3]["server_accuracy"]
     check_run_outputs(run["run_dir"], 3)

@@ -6,6 +6,10 @@ Ray and FakeGrid give the same metrics bit for bit, so those tests speak for the
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,46 @@ def test_ray_resume_matches_an_uninterrupted_run(tiny_bert_dir: Path, tmp_path: 
     assert summary["rounds"] == 2
     local = run_in_process(config, tmp_path / "local", finish=False)
     assert without_timing(history) == without_timing(local["history"])
+
+
+def listening_sockets(seen: dict, stop: threading.Event) -> None:
+    """Until `stop`: every listening TCP/UDP socket of this process and its descendants (Ray's
+    gcs_server, raylet, agents, workers), as ``(process name, address) → port``."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                name, conns = proc.name(), proc.net_connections(kind="inet")
+            except psutil.Error:  # it exited meanwhile
+                continue
+            for conn in conns:
+                if conn.status == psutil.CONN_LISTEN or conn.type == socket.SOCK_DGRAM:
+                    seen[name, conn.laddr.ip] = conn.laddr.port
+        time.sleep(0.2)
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.removeprefix("::ffff:")).is_loopback
+
+
+def test_every_socket_the_simulation_opens_is_on_loopback(tiny_bert_dir, tmp_path) -> None:
+    """Issue 22.6: Ray has no authentication; nothing it starts may listen beyond 127.0.0.1."""
+    config = tiny_config(
+        tiny_bert_dir, "federation.rounds=1", "clients.num_clients=2", "clients.ranks=[2, 4]"
+    )
+    seen: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=listening_sockets, args=(seen, stop), daemon=True)
+    watcher.start()
+    try:
+        summary = run_federated(config, tmp_path / "ray")
+    finally:
+        stop.set()
+        watcher.join()
+    assert summary["rounds"] == 1 and summary["failed_clients"] == 0
+    names = {name for name, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # the watcher saw Ray's servers
+    exposed = {key: port for key, port in seen.items() if not is_loopback(key[1])}
+    assert not exposed, f"listening beyond loopback: {exposed}"

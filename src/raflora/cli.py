@@ -198,13 +198,15 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The default federated run: shipped MiniLM on Rotten Tomatoes, 8 clients with ranks
-    {2, 4, 8, 16}, Dirichlet α = 0.5, raFLoRA vs FlexLoRA, then a comparison table."""
+    {2, 4, 8, 16}, Dirichlet α = 0.5, raFLoRA vs FlexLoRA, then a comparison table. Runs an
+    earlier demo left in --out are replaced."""
     _setup(verbose)
     if not config.is_file():
         _fail(
             f"--config {str(config)!r} does not exist; the default examples/demo.toml is relative "
             "to the repository root: run there, or pass --config PATH"
         )
+    from raflora.federation.preflight import clear_run
     from raflora.report import comparison_markdown, comparison_table, load_run, plot_comparison
 
     runs = []
@@ -214,6 +216,7 @@ def demo(
             config,
             [f"federation.method={method!r}", f"run.name='{method}'", f"run.out_dir={str(out)!r}"],
         )
+        clear_run(out / method)  # the demo replaces its own earlier run, never mixes with it
         _simulate(cfg, resume=False, progress=True)
         runs.append(load_run(out / method))
     _print_table(comparison_table(runs))

@@ -271,9 +271,16 @@ class FederationSection(_Section):
     evaluate_clients: bool = True
     """clients also report accuracy on their local validation split"""
     max_update_norm: PositiveFloat | None = None
-    """bound on a client's ‖ΔW‖_F per module"""
+    """bound on a client's contribution in a round, per tensor: ‖B_k A_k − G‖_F per LoRA module
+    (G: the product of the factors the server sent it; 0 for a fresh LoRA) and ‖x_k − x_sent‖_F
+    per dense tensor (classifier head)"""
+    max_total_update_norm: PositiveFloat | None = None
+    """bound on a client's whole contribution in a round: √(Σ of the squared per-tensor norms)"""
     norm_policy: Literal["reject", "clip"] = "reject"
-    """what to do with an update above the bound"""
+    """a reply above a bound is rejected, or its step shrunk to the bound (clip)"""
+    max_num_examples: PositiveInt | None = None
+    """cap on a reply's num-examples (it must also be ≤ the size the client reported in the
+    query round)"""
     server_threads: Annotated[Int, Field(ge=0)] = 0
     """torch threads for the server's aggregation and SVDs (0 = every core it may use); fixed so
     a run's numbers do not depend on the process the server runs in"""
@@ -380,10 +387,16 @@ class FaultsSection(_Section):
 
     fraction: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """share of clients failing each round"""
-    mode: Literal["raise", "stall", "vanish"] = "raise"
-    """exception / too slow / process exits"""
+    clients: list[Annotated[Int, Field(ge=0)]] | None = None
+    """partition ids that fail every round (instead of a seeded fraction)"""
+    mode: Literal["raise", "stall", "vanish", "scale", "signflip", "inflate"] = "raise"
+    """exception / too slow / process exits; hostile replies (tests of the defences): the update
+    B A and head step ×strength (scale) or ×−strength (signflip), num-examples ×strength
+    (inflate)"""
     stall_s: Annotated[Float, Field(ge=0)] = 30.0
     """how long a stalling client sleeps"""
+    strength: PositiveFloat = 100.0
+    """factor of the hostile modes"""
 
 
 class Config(_Section):
@@ -417,6 +430,12 @@ class Config(_Section):
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients} exceeds "
                 f"clients.num_clients={self.clients.num_clients}"
+            )
+        faulty = [pid for pid in self.faults.clients or [] if pid >= self.clients.num_clients]
+        if faulty:
+            raise ValueError(
+                f"faults.clients: partition ids {faulty} do not exist "
+                f"(clients.num_clients={self.clients.num_clients})"
             )
         sampled = max(1, round(self.federation.fraction_train * self.clients.num_clients))
         if self.federation.min_clients > sampled:

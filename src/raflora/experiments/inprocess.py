@@ -120,9 +120,12 @@ def run_inprocess(
     """`raflora.federation.simulation.run_federated` without Ray: same outputs, same summary."""
     from raflora.federation.finish import finish_run
     from raflora.federation.outputs import write_config
+    from raflora.federation.preflight import check_new_run
     from raflora.federation.server import FederatedRun
 
     run_dir = Path(run_dir)
+    if not resume:
+        check_new_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from raflora.federation import client as work
 from raflora.federation import messages as msg
-from raflora.federation.faults import maybe_fail
+from raflora.federation.faults import claimed_size, hostile_reply, maybe_fail
 
 app = ClientApp()
 
@@ -40,7 +40,7 @@ def query(message: Message, context: Context) -> Message:
         {
             msg.PARTITION_ID: ctx.partition_id,
             msg.RANK: ctx.rank,
-            msg.NUM_EXAMPLES: ctx.data.num_examples,
+            msg.NUM_EXAMPLES: claimed_size(ctx.config, ctx.partition_id, ctx.data.num_examples),
             "pid": os.getpid(),
         }
     )
@@ -55,7 +55,10 @@ def train(message: Message, context: Context) -> Message:
     server_round, rank = int(config[msg.SERVER_ROUND]), int(config[msg.RANK])
     maybe_fail(ctx.config, server_round, ctx.partition_id)
     lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
-    factors, new_dense, metrics = work.train_round(ctx, server_round, rank, lora, merged, dense)
+    reply = work.train_round(ctx, server_round, rank, lora, merged, dense)
+    factors, new_dense, metrics = hostile_reply(
+        ctx.config, server_round, ctx.partition_id, reply, dense
+    )
     content = RecordDict(
         {msg.ARRAYS: msg.pack(lora=factors, dense=new_dense), msg.METRICS: MetricRecord(metrics)}
     )

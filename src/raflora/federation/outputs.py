@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raflora.config import Config
-from raflora.federation.record import CSV_COLUMNS
+from raflora.federation.record import CSV_COLUMNS, finite
 from raflora.plots import partition_labels, plot_partition_energy, plot_series
 
 
@@ -62,7 +62,8 @@ def csv_rows(history: list[dict[str, Any]], bounds: list[int]) -> list[dict[str,
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], bounds: list[int]) -> None:
-    write_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))
+    """metrics.json (standard JSON: non-finite numbers become null) and metrics.csv."""
+    write_atomic(run_dir / "metrics.json", json.dumps(finite(history), indent=1, allow_nan=False))
     rows = csv_rows(history, bounds)
     buffer = io.StringIO()
     columns = list(dict.fromkeys(key for row in rows for key in row))

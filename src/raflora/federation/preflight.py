@@ -11,6 +11,7 @@ same cached `task.load_data` / `task.load_base` the server then uses.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -236,6 +237,42 @@ def check_tracker_packages(config: Config) -> None:
         raise RunSetupError(str(error)) from None
 
 
+# what a run writes into its folder (config.toml alone is not a run: it is written before round 1)
+RUN_OUTPUTS = ("run.json", "metrics.json", "metrics.csv", "checkpoints", "adapter", "plots")
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The outputs of an earlier run that `run_dir` holds (an empty folder counts as none)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def check_new_run(run_dir: Path) -> None:
+    """A new run (no ``--resume``) must not write into a folder that holds another run: its
+    run.json, adapter/ and metrics would mix with the new run's."""
+    found = run_outputs(run_dir)
+    if found:
+        raise RunSetupError(
+            f"{run_dir} already holds a run ({', '.join(found[:3])}); continue it with --resume, "
+            "or start a new run under another run.name or --out"
+        )
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an earlier run's outputs from `run_dir` (`raflora demo` replaces its own runs);
+    nothing else in the folder is touched."""
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+
+
 def check_resume(run_dir: Path) -> None:
     """The checkpoint `--resume` would load is complete and intact (raises `CheckpointError`)."""
     path = latest_checkpoint(run_dir)
@@ -256,3 +293,5 @@ def check_run(
     if resume:
         check_resume(run_dir)
     check_model(config, check_data(config), config_ranks=simulation)
+    if not resume:
+        check_new_run(run_dir)

@@ -11,6 +11,7 @@ in declaration order, then one energy column per rank partition) and the progres
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,10 @@ class RoundRecord:
     clients: list[int] = field(default_factory=list)  # partition ids aggregated
     failures: dict[str, str] = field(default_factory=dict)  # partition id → reason
     rejections: dict[str, str] = field(default_factory=dict)
+    clipped: dict[str, str] = field(default_factory=dict)  # partition id → what was clipped
+    ignored_evaluations: dict[str, str] = field(default_factory=dict)  # malformed metric replies
+    client_examples: dict[str, int] = field(default_factory=dict)  # num-examples per reply
+    contributions: dict[str, dict[str, float]] = field(default_factory=dict)  # ‖step‖ per reply
     server_metrics: dict[str, Any] = field(default_factory=dict)
     client_metrics: dict[str, Any] = field(default_factory=dict)
     client_time: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +84,10 @@ class RoundRecord:
             clients=current.ok,
             failures={str(k): v for k, v in current.failed.items()},
             rejections={str(k): v for k, v in current.rejected.items()},
+            clipped={str(k): v for k, v in sorted(current.clipped.items())},
+            ignored_evaluations={str(k): v for k, v in sorted(current.ignored_evaluations.items())},
+            client_examples={str(k): v for k, v in sorted(current.examples.items())},
+            contributions={str(k): v for k, v in sorted(current.contributions.items())},
             server_metrics=server,
             client_metrics=client,
             client_time={str(k): v for k, v in sorted(current.client_time.items())},
@@ -86,8 +95,9 @@ class RoundRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (one element of metrics.json)."""
-        return dataclasses.asdict(self)
+        """The JSON form (one element of metrics.json): standard JSON, so a diverged model's
+        NaN loss is written as null."""
+        return finite(dataclasses.asdict(self))
 
 
 # the round step's diagnostics the record carries (`raflora.math.round.aggregate_round`)
@@ -106,6 +116,18 @@ DIAGNOSTICS = (
 _SCALAR_TYPES = {"int", "float", "bool", "int | None", "float | None"}
 # metrics.csv's columns before the per-partition energies: the record's scalar fields
 CSV_COLUMNS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.type in _SCALAR_TYPES)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or ±Inf float (nested in dicts and lists) replaced by None: JSON
+    has no such numbers, and Python's NaN/Infinity tokens break standard parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _fmt(value: Any, pattern: str) -> str:

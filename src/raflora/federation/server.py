@@ -185,6 +185,8 @@ class FederatedRun:
             max_norm=config.federation.max_update_norm,
             norm_policy=config.federation.norm_policy,
             allow_lower_rank=get_method(config.federation.method).ranks_may_shrink,
+            max_total_norm=config.federation.max_total_update_norm,
+            max_num_examples=config.federation.max_num_examples,
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)

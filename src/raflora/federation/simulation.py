@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,30 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def ray_on_loopback() -> None:
+    """Make every server Ray starts (GCS, raylet, object manager, workers, runtime-env agent)
+    listen on 127.0.0.1 only: Ray has no authentication, so a port open on the network lets
+    anyone who reaches the machine join the cluster and run code in it.
+
+    Ray binds its gRPC servers to 127.0.0.1 when the node's IP address is 127.0.0.1, and to
+    every interface otherwise; on Linux it replaces a requested 127.0.0.1 by the machine's
+    outward address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (its single-machine mode,
+    read when ``ray`` is first imported; set here and, if Ray is already imported, in its
+    constants too). Together with ``_node_ip_address`` in `backend_config` this keeps the whole
+    simulation on loopback (tests/test_federation_simulation.py checks every listening socket).
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def backend_config(config: Config) -> dict[str, Any]:
-    """Ray resources: one actor per `num_cpus_per_client` CPUs, a small object store."""
+    """Ray resources: one actor per `num_cpus_per_client` CPUs, a small object store, every
+    server on loopback (`ray_on_loopback`) and no dashboard."""
     sim = config.simulation
     return {
         "client_resources": {  # passed to the actors' .options(...)
@@ -41,6 +64,8 @@ def backend_config(config: Config) -> dict[str, Any]:
             "object_store_memory": 256 * 1024**2,
             "log_to_driver": False,
             "logging_level": "ERROR",
+            "_node_ip_address": LOOPBACK,
+            "include_dashboard": False,
         },
     }
 
@@ -54,6 +79,7 @@ def run_federated(
 ) -> dict[str, Any]:
     """Simulate the whole run and write its outputs; returns the run summary (run.json)."""
     quiet_flower()
+    ray_on_loopback()
     from flwr.simulation import run_simulation
 
     from raflora.federation.client_app import app as client_app

@@ -16,7 +16,6 @@ run to run, partition ids do not, which keeps sampling and resumption reproducib
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,14 @@ from flwr.serverapp.strategy import Strategy
 from raflora.config import Config
 from raflora.federation import messages as msg
 from raflora.federation import task
-from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+from raflora.federation.validation import (
+    Expectation,
+    RejectedUpdate,
+    StartPoint,
+    check_metrics,
+    check_num_examples,
+    check_update,
+)
 from raflora.math.device import computing_on
 from raflora.math.methods import get_method
 from raflora.math.round import (
@@ -61,6 +67,12 @@ class RoundLog:
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     clipped_modules: int = 0
+    clipped: dict[int, str] = field(default_factory=dict)  # partition id → what was clipped
+    # partition id → {"total": ‖contribution‖_F over all tensors, "largest": of one tensor}
+    # (only when a norm bound is set)
+    contributions: dict[int, dict[str, float]] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)  # partition id → num-examples
+    ignored_evaluations: dict[int, str] = field(default_factory=dict)
     skipped: bool = False
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -117,6 +129,7 @@ class HeteroRankStrategy(Strategy):
         self.expectation = expectation
         self.config_json = config.to_json()
         self.nodes: dict[int, NodeInfo] = {}  # partition id → node
+        self.sent: dict[int, StartPoint] = {}  # partition id → what its train message held
         self.current: RoundLog = RoundLog(round=state.round)
         fed = config.federation
         self.method = get_method(fed.method)
@@ -153,11 +166,14 @@ class HeteroRankStrategy(Strategy):
         return self.state.ranks.get(partition_id, self.nodes[partition_id].rank)
 
     # ------------------------------------------------------------------ messages
-    def _payload(self, partition_id: int) -> ArrayRecord:
+    def _payload(self, partition_id: int, remember: bool = False) -> ArrayRecord:
         rank = self.rank_of(partition_id)
         allocation = self.method.allocation
         lora = self.state.client_payload(rank, self.config.federation.split, allocation)
         merged = {name: update.factors() for name, update in self.state.merged.items()}
+        if remember:  # a train message: its reply is measured from this start (validation.py)
+            size = self.nodes[partition_id].num_examples
+            self.sent[partition_id] = StartPoint(lora, dict(self.state.dense), size)
         return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
 
     def _config(self, server_round: int, partition_id: int, base: ConfigRecord) -> ConfigRecord:
@@ -174,7 +190,7 @@ class HeteroRankStrategy(Strategy):
         for pid in pids:
             content = RecordDict(
                 {
-                    msg.ARRAYS: self._payload(pid),
+                    msg.ARRAYS: self._payload(pid, remember=kind == MessageType.TRAIN),
                     msg.CONFIG: self._config(server_round, pid, config),
                 }
             )
@@ -190,6 +206,7 @@ class HeteroRankStrategy(Strategy):
         """Sample clients and send each its rank-r_k share of the global update."""
         sampled = self.sample(server_round)
         self.current = RoundLog(round=server_round, sampled=sampled)
+        self.sent = {}
         out = self._messages(server_round, config, MessageType.TRAIN, sampled)
         self.current.bytes_sent = sum(m.content[msg.ARRAYS].count_bytes() for m in out)
         return out
@@ -209,7 +226,7 @@ class HeteroRankStrategy(Strategy):
             if record is None or metrics is None:
                 raise RejectedUpdate("reply lacks its arrays or metrics record")
             lora, _, dense = msg.unpack(record)
-            update, clipped = check_update(
+            update, review = check_update(
                 pid,
                 lora,
                 dense,
@@ -217,12 +234,18 @@ class HeteroRankStrategy(Strategy):
                 self.rank_of(pid),
                 self.expectation,
                 metrics=dict(metrics),
+                start=self.sent.get(pid),
             )
         except (RejectedUpdate, msg.MessageFormatError) as error:
             log_.rejected[pid] = str(error)
             return None
         log_.bytes_received += record.count_bytes()
-        log_.clipped_modules += clipped
+        log_.clipped_modules += review.clipped_modules
+        log_.examples[pid] = update.num_examples
+        if review.clipped:
+            log_.clipped[pid] = review.clipped
+        if review.norm is not None:
+            log_.contributions[pid] = {"total": review.norm, "largest": review.largest}
         total, train = metrics.get(msg.SECONDS), metrics.get(msg.TRAIN_SECONDS)
         log_.client_time[pid] = {
             "seconds": None if total is None else float(total),
@@ -288,24 +311,36 @@ class HeteroRankStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the clients' local validation metrics."""
+        """Example-weighted mean of the clients' local validation metrics; a reply with a
+        metric that is not a finite number in its range (or a bad num-examples) is ignored and
+        named in `RoundLog.ignored_evaluations`."""
         results: dict[str, list[tuple[float, float]]] = {}
+        by_node = self._node_to_pid()
         for reply in replies:
             if reply.has_error():
                 continue
             metrics = reply.content.metric_records.get(msg.METRICS)
             if metrics is None:
                 continue
-            weight = metrics.get(msg.NUM_EXAMPLES, 0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                continue  # a malformed reply (e.g. a list) must not stop the server
-            weight = float(weight) if math.isfinite(weight) and weight > 0 else 0.0
-            for key, value in metrics.items():
-                if key != msg.NUM_EXAMPLES and isinstance(value, (int, float)):
-                    results.setdefault(key, []).append((float(value), weight))
+            values = dict(metrics)
+            try:
+                weight = self._evaluation_weight(values.pop(msg.NUM_EXAMPLES, 0))
+                check_metrics(values)
+            except RejectedUpdate as error:  # a malformed reply must not stop the server
+                pid = by_node.get(reply.metadata.src_node_id, -1)
+                self.current.ignored_evaluations[pid] = str(error)
+                continue
+            for key, value in values.items():
+                results.setdefault(key, []).append((float(value), weight))
         summary = {key: weighted_mean(values) for key, values in results.items()}
         self.current.client_eval = summary
         return MetricRecord(summary) if summary else None
+
+    def _evaluation_weight(self, num_examples: object) -> float:
+        """An evaluation reply's num-examples: 0 (no validation split) or a valid count."""
+        if isinstance(num_examples, (int, float)) and num_examples == 0:
+            return 0.0
+        return float(check_num_examples(num_examples, None, self.expectation.max_num_examples))
 
     def summary(self) -> None:
         fed = self.config.federation
