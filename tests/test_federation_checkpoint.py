@@ -67,7 +67,7 @@ def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
     """Format 1 (before the adapter kept its stacked factors) held thin SVDs only."""
     original = state(svd=True)
     path = save_checkpoint(tmp_path, original, EXTRA)
-    assert json.loads((path / ckpt.META).read_text())["format"] == 2
+    assert json.loads((path / ckpt.META).read_text())["format"] == 3
     rewrite_meta(path, lambda m: m.update(format=1), rehash=True)
     loaded, meta = load_checkpoint(path)
     assert meta["format"] == 1

@@ -24,7 +24,7 @@ from raflora.federation import task
 from raflora.federation.checkpoint import load_checkpoint
 from raflora.federation.export import export_run
 from raflora.federation.finish import finish_run
-from raflora.math import available_methods
+from raflora.math import available_methods, get_method
 from raflora.training import evaluate, load_base_model, take
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -104,22 +104,36 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
         assert record["bytes_received"] > 0 and record["bytes_sent"] > 0
         assert 0 < record["top_rmin_energy"] <= 1 + 1e-9
     merge = config.federation.apply_mode == "merge"
+    residual = get_method(method).residual is not None  # FedEx-LoRA: adapter + merged residual
+    # what round 1 merged into the base, per module: FLoRA's stack Σ r_k, FedEx's residual
+    # [p_k B_k …, −B̄] of rank Σ r_k + r_max
+    merged_rank = sum(ranks.values()) + (max(ranks.values()) if residual else 0)
     for message in train_messages(grid, 2):  # round 2: every client starts from the global model
         pid = pid_of(grid, message)
-        assert message.content[msg.CONFIG][msg.RANK] == ranks[pid]
-        lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
-        assert set(dense) == {"classifier.weight", "classifier.bias"}
-        if merge:
-            assert lora == {} and merged and all(B.shape[1] > 0 for B, _ in merged.values())
+        config_record = message.content[msg.CONFIG]
+        assert config_record[msg.RANK] == ranks[pid]
+        payload = msg.unpack_payload(message.content[msg.ARRAYS])
+        assert set(payload.dense) == {"classifier.weight", "classifier.bias"}
+        assert payload.merged == {}  # the whole merged sum travels only with merged_wire=total
+        if merge or residual:  # round 1's merged factors, once
+            assert config_record[msg.MERGED_ROUNDS] == [1] and list(payload.rounds) == [1]
+            assert len(payload.rounds[1]) == 4
+            assert all(B.shape == (32, merged_rank) for B, _ in payload.rounds[1].values())
         else:
-            assert merged == {} and len(lora) == 4  # query, value × 2 layers
+            assert config_record[msg.MERGED_ROUNDS] == [] and payload.rounds == {}
+        if merge:
+            assert payload.lora == {}
+        else:
+            assert len(payload.lora) == 4  # query, value × 2 layers
             assert all(
                 B.shape == (32, ranks[pid]) and A.shape == (ranks[pid], 32)
-                for B, A in lora.values()
+                for B, A in payload.lora.values()
             )
     total = state.total_update()
-    assert (state.adapter == {}) == merge and (state.merged == {}) != merge
-    most = min(32, (2 if merge else 1) * sum(ranks.values()))  # D_2 = ΔW_1 + ΔW_2 when merged
+    assert (state.adapter == {}) == merge and (state.merged == {}) == (not merge and not residual)
+    assert sorted(state.merged_rounds) == ([1, 2] if merge or residual else [])
+    # D_2 = ΔW_1 + ΔW_2 when merged; FedEx: D_1 + Σ p_k B_k A_k, D_1 in span(B_k of round 1)
+    most = min(32, (2 if merge or residual else 1) * sum(ranks.values()))
     assert len(total) == 4 and all(0 < u.rank <= most for u in total.values())
     assert history[2]["global_rank"] == max(u.rank for u in total.values())
     assert state.ranks == ranks
