@@ -12,8 +12,9 @@ Each round the server runs the same round step as the federated engine
 what a client of rank r starts from (the best rank-r truncation, or the leading r columns of
 the averaged factors; columns beyond what the server has are LoRA-initialised), whether it
 merges into the base (FLoRA: clients restart from LoRA's init every round) or folds a
-residual into it (FedEx-LoRA: clients train on W_base + D) and whether it carries the directions no sampled client holds (``carry_over``: None = the method's default,
-on for raflora only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
+residual into it (FedEx-LoRA: clients train on W_base + D) and whether it carries the
+directions no sampled client holds (``carry_over``: None = the method's default, on for raflora
+only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
 same targets, client sampling, initial factors and local steps. Client-side hooks (HetLoRA's
 regulariser and self-pruning) are not modelled here: the task compares the server protocols.
 

@@ -83,13 +83,13 @@ def _digest(path: Path) -> str:
 
 
 def _save_merged_rounds(run_dir: Path, state: GlobalState) -> dict[str, str]:
-    """Write the merged rounds' files that are missing, and always the newest one (it may be
-    left from an interrupted earlier attempt); returns round → SHA-256 of its file."""
-    newest = max(state.merged_rounds, default=0)
+    """Write the merged rounds' files that are missing, and always this round's own (a file
+    of that name may be left by an interrupted earlier attempt or another run in the same
+    folder); returns round → SHA-256 of its file."""
     digests = {}
     for t, factors in sorted(state.merged_rounds.items()):
         path = merged_round_path(run_dir, t)
-        if t == newest or not path.is_file():
+        if t == state.round or not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
             arrays = {
