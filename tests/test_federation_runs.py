@@ -203,6 +203,7 @@ def test_same_seed_gives_the_same_metrics(runs) -> None:
 RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
     "raflora": ["federation.method=raflora"],
     "flora": ["federation.method=flora", "federation.apply=merge"],
+    "fedex": ["federation.method=fedex"],  # adapter + merged residuals
     "hetlora-pruned": [  # clients shrink their rank every round
         "federation.method=hetlora",
         "federation.options.prune_threshold=1e9",
@@ -212,11 +213,14 @@ RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
 }
 
 
+MERGING = ("flora", "fedex")  # runs whose rounds merge factors into the base
+
+
 @pytest.mark.parametrize("kind", sorted(RESUMABLE))
 def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path, kind):
     overrides = RESUMABLE[kind]
-    # raflora and flora: the same configs as the every-method runs, which are reused
-    reuse = kind in ("raflora", "flora")
+    # raflora, flora, fedex: the same configs as the every-method runs, which are reused
+    reuse = kind in ("raflora", "flora", "fedex")
     full = method_run(runs, kind) if reuse else runs(f"resume-{kind}", *overrides)
     assert full["config"] == tiny_config(tiny_bert_dir, *overrides)
     run_dir = tmp_path / "resumed"
@@ -239,6 +243,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp
             for part in ("U", "S", "Vt"):
                 assert getattr(x[name], part).tobytes() == getattr(y[name], part).tobytes()
     assert all(a.dense[k].tobytes() == b.dense[k].tobytes() for k in a.dense)
+    assert list(a.merged_rounds) == list(b.merged_rounds) == ([1, 2] if kind in MERGING else [])
+    for t, factors in a.merged_rounds.items():
+        for name, pair in factors.items():
+            other = b.merged_rounds[t][name]
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(pair, other, strict=True))
     if kind == "hetlora-pruned":
         assert a.ranks != {0: 2, 1: 4, 2: 8}  # the pruning did happen
 
