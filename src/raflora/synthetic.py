@@ -282,6 +282,15 @@ def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: No
 # --------------------------------------------------------------------------- the experiment
 
 
+def _note(config: SyntheticConfig, method: str) -> str:
+    """How a method's global model differs from its adapter, for run.json ("" if it does not)."""
+    if (config.apply or get_method(method).apply) == "merge":
+        return "merged into the base each round; clients restart from LoRA init"
+    if get_method(method).residual is not None:
+        return "its residual is folded into the base each round; clients restart from its slices"
+    return ""
+
+
 def methods_to_run(config: SyntheticConfig) -> tuple[list[str], dict[str, str]]:
     """The methods to compare and the ones skipped, with the reason."""
     requested = list(config.methods) or available_methods()
@@ -371,11 +380,7 @@ def write_outputs(
         "partition_bounds": bounds,
         "target": {"singular_values": sigma.tolist(), "partition_energy": target},
         "predicted_retention": predicted_retention(config.ranks, config.client_sizes),
-        "notes": {
-            m: "merged into the base each round; clients restart from LoRA init"
-            for m in results
-            if (config.apply or get_method(m).apply) == "merge"
-        },
+        "notes": {m: note for m in results if (note := _note(config, m))},
         "wall_time_s": round(wall_s, 3),
     }
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")

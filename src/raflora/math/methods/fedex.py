@@ -21,6 +21,11 @@ the same update in fewer floats whenever Σ_k r_k + r_max < mn / (m + n)). The b
 counts what travels: per sampled client and module, its slice r_k (m + n) and the residual of
 every round it has not merged yet, (Σ_k r_k + r_max)(m + n) each (``federation.merged_wire``).
 Client weights are p_k ∝ n_k like every method here (the paper's code averages uniformly).
+
+With heterogeneous ranks the exactness is of the aggregate, not of the clients' restart: a
+client of rank r drops the columns (r, r_max] of the adapter when it restarts from its slice,
+so column i of B̄ Ā survives a round only in the share Σ_{r_k ≥ i} p_k (as with zero-padding,
+`raflora synthetic` shows the same rank collapse as FlexLoRA's).
 """
 
 from __future__ import annotations
