@@ -58,8 +58,23 @@ from _common import (
     run_worker,
     table,
 )
-from raflora.math.round import compress, compressed_values, decompose, stack
-from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
+from raflora.math import (
+    aggregate,
+    aggregate_allocate,
+    allocate,
+    factored_svd,
+    get_method,
+    lowrank,
+)
+from raflora.math.round import (
+    ClientUpdate,
+    GlobalState,
+    RoundSettings,
+    aggregate_round,
+    compress,
+    compressed_values,
+    stack,
+)
 
 RANK_SET = (4, 8, 16, 32, 64)
 METHODS = ("raflora", "flexlora")
@@ -428,9 +443,17 @@ def median_seconds(fn, args: tuple, repeats: int) -> float:
 
 
 def server_module_step(method: str, factors, weights):
-    """One module of ``aggregate_round`` in adapter mode: aggregate, then ``decompose`` (the
-    stacked factors with their first r_max = 64 triplets and every significant value)."""
-    return decompose(*aggregate(method, factors, weights), top=max(RANK_SET))
+    """The server's round step (``aggregate_round``, adapter mode) on one module: aggregate,
+    then ``decompose`` (the stacked factors with their first r_max triplets and every
+    significant value), then the diagnostics."""
+    updates = [
+        ClientUpdate(k, B.shape[1], w, {"module": (B, A)})
+        for k, ((B, A), w) in enumerate(zip(factors, weights, strict=True))
+    ]
+    bounds = tuple(sorted({B.shape[1] for B, _ in factors}))
+    settings = RoundSettings.of(get_method(method), carry_over=False, bounds=bounds)
+    state, _ = aggregate_round(GlobalState(0, {}, {}, {}, {}), updates, settings)
+    return state.adapter["module"]
 
 
 def server_module_step_compress(method: str, factors, weights):

@@ -84,17 +84,24 @@ def run(
     out: Annotated[Path | None, typer.Option(help="parent folder of the run (run.out_dir)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="live progress display")] = True,
+    dry_run: Annotated[
+        bool, typer.Option(help="check config, data, model, targets and ranks; train nothing")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a federated fine-tuning job (Flower simulation, Ray backend) from a TOML config.
 
     Writes config.toml, metrics.csv/json, plots/, checkpoints/ and adapter/ under
     <run.out_dir>/<run.name>. Every config field, its default and meaning: `raflora config`
-    (also in the README).
+    (also in the README). --dry-run validates everything without training and prints the
+    bytes per round and memory per client.
     """
     _setup(verbose)
     overrides = list(set_ or []) + ([f"run.out_dir={str(out)!r}"] if out else [])
     cfg = _config(config, overrides)
+    if dry_run:
+        _dry_run(cfg)
+        return
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if resume and not run_dir.is_dir():
         _fail(
@@ -108,6 +115,39 @@ def run(
     console.print(f"outputs in [bold]{Path(cfg.run.out_dir) / cfg.run.name}[/]")
     if summary.get("skipped_rounds"):
         err.print(f"[yellow]{summary['skipped_rounds']} round(s) skipped: too few valid replies[/]")
+
+
+def _dry_run(cfg: Config) -> None:
+    """Print `raflora.federation.dryrun.dry_run`'s findings, or fail in one line (exit 2)."""
+    from raflora.federation.dryrun import DryRunError, dry_run
+
+    try:
+        found = dry_run(cfg)
+    except DryRunError as error:
+        _fail(" ".join(str(error).split()))
+        raise
+    model, data, targets = found["model"], found["data"], found["target_modules"]
+    sizes = data["client_sizes"]
+    lines = [
+        f"model      {model['path']} ({model['architecture']}, {model['parameters']:,} "
+        f"parameters, {model['weight_files']} weight file(s), {model['weight_mb']:.1f} MB) "
+        f"in {model['dtype']}",
+        f"devices    clients: {found['devices']['clients']}, server: {found['devices']['server']}",
+        f"data       {data['train']} train / {data['test']} test examples; client shares "
+        f"{min(sizes)}–{max(sizes)}",
+        f"targets    {', '.join(targets['names'])}: {targets['layers']} layers "
+        f"({', '.join(targets['shapes'])}), {targets['lora_params_per_rank']:,} LoRA "
+        "parameters per unit rank",
+        f"ranks      {found['ranks']} (all ≤ the smallest target width)",
+        f"bytes      {found['bytes_per_round']:,} per round ({found['sampled_per_round']} "
+        "clients sampled, factors and heads both ways)",
+        "memory     per client, weights + LoRA training state (activations not included): "
+        + ", ".join(f"{mb:,.0f} MB" for mb in found["memory_mb"]),
+        f"ok: {cfg.run.name} would run {cfg.federation.rounds} rounds of "
+        f"{cfg.federation.method} (nothing was trained)",
+    ]
+    for line in lines:
+        console.print(escape(line))
 
 
 def _simulate(cfg: Config, *, resume: bool, progress: bool) -> dict:

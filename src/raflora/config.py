@@ -54,6 +54,9 @@ class RunSection(_Section):
     """parent folder of run folders"""
     seed: int = 0
     """one seed for data split, partitions, ranks, LoRA init, client sampling"""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """experiment trackers fed each round's metrics.csv row and energy plot, written offline
+    under the run folder (needs `pip install 'raflora[track]'`)"""
 
 
 class ModelSection(_Section):
@@ -71,6 +74,12 @@ class ModelSection(_Section):
     """dropout on the LoRA input"""
     max_length: PositiveInt = 64
     """tokens per example (text tasks)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """storage dtype of the frozen base; LoRA factors stay float32 and training autocasts to this
+    dtype (float16: CUDA only, with loss scaling)"""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA-style frozen base through bitsandbytes (NF4 / LLM.int8, computing in model.dtype);
+    needs CUDA for clients and server and `pip install 'raflora[quant]'`"""
 
     @field_validator("path")
     @classmethod
@@ -145,14 +154,14 @@ class ClientsSection(_Section):
         return tiers
 
     def known_ranks(self) -> list[int] | None:
-        """The ranks the clients can have, as far as the config alone tells (None: from the
-        memory budgets, decided with the model)."""
+        """The distinct ranks the clients can have, as far as the config alone tells (None:
+        from the memory budgets, decided with the model). A rank list is cycled over the
+        clients, so its first num_clients entries are the ranks in use."""
         if self.rank_tiers is not None:
             return sorted(rank for rank, share in self.rank_tiers.items() if share > 0)
         if self.memory_budgets_mb is not None:
             return None
-        listed = list(self.ranks or DEFAULT_RANKS)
-        return [listed[k % len(listed)] for k in range(self.num_clients)]
+        return sorted(set(list(self.ranks or DEFAULT_RANKS)[: self.num_clients]))
 
     @model_validator(mode="after")
     def _one_rank_source(self) -> ClientsSection:
@@ -212,6 +221,19 @@ class FederationSection(_Section):
     server_threads: Annotated[int, Field(ge=0)] = 0
     """torch threads for the server's aggregation and SVDs (0 = every core it may use); fixed so
     a run's numbers do not depend on the process the server runs in"""
+    server_device: str = "cpu"
+    """where the server aggregates, decomposes (float64) and evaluates: cpu, auto, cuda or cuda:N
+    (not mps: it has no float64)"""
+
+    @field_validator("server_device")
+    @classmethod
+    def _server_device_spec(cls, device: str) -> str:
+        from raflora.training.device import check_device_spec
+
+        check_device_spec(device)
+        if device == "mps":
+            raise ValueError("mps has no float64, which the server's SVDs use; use cpu or cuda")
+        return device
 
     @field_validator("method")
     @classmethod
@@ -263,6 +285,18 @@ class TrainSection(_Section):
     """max grad norm (0 = off)"""
     threads: Annotated[int, Field(ge=0)] = 1
     """torch threads per client (0 = torch default)"""
+    device: str = "auto"
+    """where clients train: auto (the GPU the process may use: in simulation the one Ray assigned,
+    see simulation.num_gpus_per_client; else CPU), cpu, cuda, cuda:N or mps"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more time)"""
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, device: str) -> str:
+        from raflora.training.device import check_device_spec
+
+        return check_device_spec(device)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSection:
@@ -318,6 +352,11 @@ class Config(_Section):
                 get_method(fed.method).check_ranks(method_options(fed.method, **fed.options), ranks)
             except ValueError as error:
                 raise ValueError(f"federation.method: {error}") from None
+        if self.model.quantization != "none" and self.federation.apply_mode == "merge":
+            raise ValueError(
+                f"model.quantization = {self.model.quantization!r} cannot merge updates into "
+                "quantised base weights (federation.apply = merge); use apply = adapter"
+            )
         if self.federation.min_clients > self.clients.num_clients:
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients} exceeds "

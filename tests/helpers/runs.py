@@ -11,7 +11,7 @@ from helpers.fakegrid import FakeGrid, task_identity
 from raflora.config import Config, load_config
 from raflora.federation.checkpoint import load_checkpoint
 from raflora.federation.finish import finish_run
-from raflora.federation.outputs import SCALARS
+from raflora.federation.record import CSV_COLUMNS as SCALARS
 from raflora.federation.server import FederatedRun
 
 ROOT = Path(__file__).resolve().parents[2]

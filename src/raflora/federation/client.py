@@ -31,6 +31,7 @@ from raflora.training import (
     set_factors,
     train_local,
 )
+from raflora.training.device import keep_trainables_float32
 
 Factors = tuple[np.ndarray, np.ndarray]
 
@@ -45,22 +46,34 @@ class ClientContext:
     tokenizer: Any
     data: task.ClientData
     rank: int  # the rank this client trains (config, or its node's own `rank` setting)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # train.device
+    precision: torch.dtype = torch.float32  # the base's dtype = autocast dtype (model.dtype)
 
 
 @lru_cache(maxsize=8)
 def client_context(config_json: str, partition_id: int, node_rank: int = 0) -> ClientContext:
-    """Load (once per process) the base model and this client's encoded data."""
+    """Load (once per process) the base model (kept on the CPU; round models move to the
+    client's device) and this client's encoded data; resolve its device and rank (memory
+    budgets: measured on that device, `task.measured_memory_mb`)."""
     config = Config.model_validate_json(config_json)
     if not 0 <= partition_id < config.clients.num_clients:
         raise ValueError(
             f"partition-id {partition_id} out of range for clients.num_clients="
             f"{config.clients.num_clients}"
         )
+    device, precision = task.train_device(config)
     data = task.load_data(config_json)
-    base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+    placement = task.base_placement(config, device)
+    base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data), placement)
     local = task.client_data(config, data, partition_id, tokenizer, base)
-    rank = node_rank or task.client_ranks(config, base)[partition_id]
-    return ClientContext(config, partition_id, base, tokenizer, local, rank)
+    rank = node_rank
+    if not rank:
+        need = None
+        if config.clients.memory_budgets_mb is not None:
+            batch = task.probe_batch(config, data, tokenizer, base)
+            need = task.measured_memory_mb(config, base, batch, device, precision)
+        rank = task.client_ranks(config, base, need)[partition_id]
+    return ClientContext(config, partition_id, base, tokenizer, local, rank, device, precision)
 
 
 def merge_into_base(base: nn.Module, merged: dict[str, Factors]) -> None:
@@ -123,7 +136,7 @@ def build_round_model(
     if merged:  # merge mode: a private copy of the base with the global update merged in
         base = copy.deepcopy(base)
         merge_into_base(base, merged)
-    model = task.lora_model(ctx.config, base, rank, seed)
+    model = task.placed(ctx.config, task.lora_model(ctx.config, base, rank, seed), ctx.device)
     set_factors(model, lora, seed=seed)
     if dense:
         set_dense_trainables(model, {k: torch.from_numpy(v) for k, v in dense.items()})
@@ -163,6 +176,7 @@ def reused_round_model(
     slot = _ROUND_MODELS.get(ctx.base)
     if slot is None:
         model = task.lora_model(ctx.config, ctx.base, rank, seed)
+        model = task.placed(ctx.config, model, ctx.device)
         slot = _ROUND_MODELS[ctx.base] = RoundModels(model, {rank: "default"})
         slot.heads[rank] = get_dense_trainables(model)
     model = slot.model
@@ -172,6 +186,7 @@ def reused_round_model(
         with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep the caller's RNG
             model.add_adapter(name, config)
         model.set_adapter(name)
+        keep_trainables_float32(model)  # PEFT builds a new adapter in the base's dtype
         slot.heads[rank] = get_dense_trainables(model)
     model.set_adapter(slot.adapters[rank])
     set_factors(model, lora, seed=seed)
@@ -230,6 +245,7 @@ def train_round(
         grad_clip=train.grad_clip,
         seed=seed,
         regularizer=task.method_regularizer(config),
+        precision=ctx.precision,
     )
     factors = method_prune(config, _numpy(get_factors(model)))
     new_dense = {name: t.numpy() for name, t in get_dense_trainables(model).items()}
@@ -256,7 +272,9 @@ def evaluate_round(
         return {"num-examples": 0}
     configure_threads(ctx.config.train.threads)
     model = round_model(ctx, rank, lora, merged, dense, seed=ctx.config.run.seed)
-    result = evaluate(model, ctx.data.val, batch_size=ctx.config.eval.batch_size)
+    result = evaluate(
+        model, ctx.data.val, batch_size=ctx.config.eval.batch_size, precision=ctx.precision
+    )
     metrics = {f"val-{key.replace('/', '-')}": float(v) for key, v in result.items()}
     metrics["num-examples"] = int(result.get("num_examples", len(ctx.data.val)))
     metrics.pop("val-num_examples", None)

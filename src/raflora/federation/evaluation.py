@@ -67,7 +67,9 @@ class ServerEvaluator:
     def load(cls, config: Config) -> ServerEvaluator:
         config_json = config.to_json()
         data = task.load_data(config_json)
-        base, tokenizer = task.load_base(config_json, task.model_num_labels(config, data))
+        placement = task.base_placement(config, task.server_device(config))
+        labels = task.model_num_labels(config, data)
+        base, tokenizer = task.load_base(config_json, labels, placement)
         test = task.encode(config, take(data.test, range(len(data.test))), tokenizer, base)
         return cls(config, base, tokenizer, test)
 
@@ -99,5 +101,11 @@ class ServerEvaluator:
         }
 
     def evaluate(self, state: GlobalState) -> dict[str, float]:
+        """Test metrics of the global model, on ``federation.server_device`` and autocast to
+        ``model.dtype`` (the base's dtype) as the clients train."""
         model = global_model(self.config, self.base, state)
-        return evaluate(model, self.test, batch_size=self.config.eval.batch_size)
+        model = task.placed(self.config, model, task.server_device(self.config))
+        precision = getattr(torch, self.config.model.dtype)
+        return evaluate(
+            model, self.test, batch_size=self.config.eval.batch_size, precision=precision
+        )

@@ -11,33 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from raflora.config import Config
+from raflora.federation.record import CSV_COLUMNS
 from raflora.plots import partition_labels, plot_partition_energy, plot_series
-
-SCALARS = (
-    "round",
-    "sampled",
-    "ok",
-    "failed",
-    "rejected",
-    "clipped_modules",
-    "skipped",
-    "train_loss",
-    "server_loss",
-    "server_accuracy",
-    "client_val_accuracy",
-    "client_val_loss",
-    "top_rmin_energy",
-    "top_rmin_energy_worst",
-    "effective_rank",
-    "effective_rank_worst",
-    "stable_rank",
-    "norm",
-    "carried_energy_share",
-    "global_rank",
-    "bytes_sent",
-    "bytes_received",
-    "seconds",
-)
 
 
 def versions() -> dict[str, str]:
@@ -79,7 +54,7 @@ def csv_rows(history: list[dict[str, Any]], bounds: list[int]) -> list[dict[str,
     labels = [f"energy_{label.replace(' ', '_')}" for label in partition_labels(bounds)]
     rows = []
     for record in history:
-        row = {key: record.get(key, "") for key in SCALARS}
+        row = {key: record.get(key, "") for key in CSV_COLUMNS}
         for label, share in zip(labels, record.get("partition_energy") or [], strict=False):
             row[label] = share
         rows.append(row)

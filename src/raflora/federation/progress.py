@@ -9,6 +9,8 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from raflora.federation.record import describe
+
 log = logging.getLogger("raflora")
 
 
@@ -19,18 +21,6 @@ class Reporter(Protocol):
     def round_done(self, record: dict[str, Any]) -> None: ...
     def stop(self) -> None: ...
     def show(self, renderable: Any) -> None: ...
-
-
-def _fmt(value: Any, pattern: str) -> str:
-    return "–" if value is None or value != value else format(value, pattern)
-
-
-def describe(record: dict[str, Any]) -> str:
-    return (
-        f"loss {_fmt(record.get('train_loss'), '.3f')}  "
-        f"acc {_fmt(record.get('server_accuracy'), '.3f')}  "
-        f"top-r_min energy {_fmt(record.get('top_rmin_energy'), '.2f')}"
-    )
 
 
 class RichReporter:

@@ -23,9 +23,11 @@ from raflora.federation import messages as msg
 from raflora.federation import task
 from raflora.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from raflora.federation.evaluation import ServerEvaluator
-from raflora.federation.outputs import write_config, write_metrics
+from raflora.federation.outputs import write_config, write_metrics, write_plots
 from raflora.federation.progress import LogReporter, Reporter
+from raflora.federation.record import RoundRecord
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
+from raflora.federation.trackers import Trackers
 from raflora.federation.validation import Expectation
 from raflora.math.methods import get_method
 from raflora.math.round import GlobalState
@@ -112,53 +114,6 @@ def check_ranks_fit(nodes: list[NodeInfo], modules: dict[str, tuple[int, int]]) 
         )
 
 
-def round_record(
-    current: RoundLog, server: dict[str, float] | None, seconds: float
-) -> dict[str, Any]:
-    """One row of metrics.json: counts, losses, accuracies, diagnostics, bytes, failures."""
-    diag, client = current.diagnostics, current.client_eval
-    server = server or {}
-    return {
-        "round": current.round,
-        "sampled": len(current.sampled),
-        "ok": len(current.ok),
-        "failed": len(current.failed),
-        "rejected": len(current.rejected),
-        "clipped_modules": current.clipped_modules,
-        "skipped": current.skipped,
-        "train_loss": current.train_loss if current.ok else None,
-        "server_loss": server.get("loss"),
-        "server_accuracy": server.get("accuracy"),
-        "client_val_accuracy": client.get("val-accuracy"),
-        "client_val_loss": client.get("val-loss"),
-        **{
-            key: diag.get(key)
-            for key in (
-                "top_rmin_energy",
-                "top_rmin_energy_worst",
-                "effective_rank",
-                "effective_rank_worst",
-                "stable_rank",
-                "norm",
-                "carried_energy_share",
-                "global_rank",
-                "partition_energy",
-                "predicted_retention",
-            )
-        },
-        "bytes_sent": current.bytes_sent,
-        "bytes_received": current.bytes_received,
-        "seconds": seconds,
-        "clients": current.ok,
-        "failures": {str(k): v for k, v in current.failed.items()},
-        "rejections": {str(k): v for k, v in current.rejected.items()},
-        "server_metrics": server,
-        "client_metrics": client,
-        "client_time": {str(k): v for k, v in sorted(current.client_time.items())},
-        "per_module": diag.get("per_module", {}),
-    }
-
-
 def client_table(config: Config, strategy: HeteroRankStrategy) -> Any:
     """Per client: local data size, rank and label (or task) counts."""
     data = task.load_data(config.to_json())
@@ -198,6 +153,7 @@ class FederatedRun:
         self.state: GlobalState | None = None
         self.bounds: list[int] = []
         self.model_info: dict[str, Any] = {}
+        self.trackers: Trackers | None = None
 
     def _start(self, evaluator: ServerEvaluator) -> GlobalState:
         path = latest_checkpoint(self.run_dir) if self.resume else None
@@ -238,14 +194,20 @@ class FederatedRun:
         self.bounds = list(strategy.settings.bounds)
         self.model_info = evaluator.model_info()
         if state.round == 0 and not self.history:
-            self.history.append(round_record(RoundLog(round=0), evaluator.evaluate(state), 0.0))
+            self.history.append(
+                RoundRecord.of(RoundLog(round=0), evaluator.evaluate(state), 0.0).to_dict()
+            )
         first, last = state.round + 1, config.federation.rounds
+        self.trackers = Trackers(config, self.run_dir)
+        if state.round == 0 and len(self.history) == 1:
+            self.trackers.log_round(self.history[0], self.bounds, None)
         self.reporter.start(first, last)
         try:
             for server_round in range(first, last + 1):
                 self._round(grid, strategy, evaluator, server_round, last)
         finally:
             self.reporter.stop()
+            self.trackers.close()
         self.state = strategy.state
         return strategy.state
 
@@ -264,7 +226,7 @@ class FederatedRun:
         )
         due = server_round % config.eval.every == 0 or server_round == last
         server = evaluator.evaluate(strategy.state) if due else None
-        record = round_record(strategy.current, server, time.perf_counter() - start)
+        record = RoundRecord.of(strategy.current, server, time.perf_counter() - start).to_dict()
         self.history.append(record)
         extra = {
             "history": self.history,
@@ -274,6 +236,10 @@ class FederatedRun:
         }
         save_checkpoint(self.run_dir, strategy.state, extra)
         write_metrics(self.run_dir, self.history, self.bounds)
+        if self.trackers:  # the plots so far, for the trackers' image
+            write_plots(self.run_dir, self.history, self.bounds, config.federation.method)
+            image = self.run_dir / "plots" / "partition_energy.png"
+            self.trackers.log_round(record, self.bounds, image)
         self.reporter.round_done(record)
 
 

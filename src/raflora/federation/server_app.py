@@ -47,6 +47,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, run_dir, resume = config_from_run_config(dict(context.run_config))
-    check_run(config, run_dir, resume=resume)  # one-line errors before any client is asked
+    # one-line errors before any client is asked; the clients check their own devices
+    check_run(config, run_dir, resume=resume, clients_here=False)
     FederatedRun(config, run_dir, resume=resume).main(grid)
     finish_run(config, run_dir)

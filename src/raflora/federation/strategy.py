@@ -35,7 +35,9 @@ from flwr.serverapp.strategy import Strategy
 
 from raflora.config import Config
 from raflora.federation import messages as msg
+from raflora.federation import task
 from raflora.federation.validation import Expectation, RejectedUpdate, check_update
+from raflora.math.device import computing_on
 from raflora.math.methods import get_method
 from raflora.math.round import (
     ClientUpdate,
@@ -289,7 +291,9 @@ class HeteroRankStrategy(Strategy):
             self.current.skipped = True
             self.state = replace(self.state, round=server_round)
             return None, None
-        with torch_threads(self.config.federation.server_threads):  # same bits in every process
+        fed = self.config.federation
+        with torch_threads(fed.server_threads), computing_on(task.server_device(self.config)):
+            # fixed threads: same bits in every process; server_device: where the math runs
             self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
         self.current.diagnostics = diagnostics
         self.current.train_loss = weighted_mean(

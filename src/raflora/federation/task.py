@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from raflora.config import DEFAULT_RANKS, Config
@@ -33,7 +34,10 @@ from raflora.training import (
     ranks_from_tiers,
     take,
 )
-from raflora.training.ranks import base_memory_mb
+from raflora.training.device import check_quantization, resolve_device, resolve_dtype
+from raflora.training.local import batch_loss
+from raflora.training.models import enable_gradient_checkpointing
+from raflora.training.ranks import base_memory_mb, measure_rank_memory, ranks_within_budgets
 
 
 def derived_seed(seed: int, *parts: int | str) -> int:
@@ -93,28 +97,111 @@ def target_modules(config: Config, base: nn.Module) -> list[str]:
     return list(config.model.target_modules) or default_target_modules(base)
 
 
-def client_ranks(config: Config, base: nn.Module | None = None) -> list[int]:
-    """Every client's LoRA rank from the configured source (list, tiers or memory budgets)."""
+def memory_budgets(config: Config) -> list[float]:
+    """One memory budget (MiB) per client (a single value applies to all)."""
+    budgets = list(config.clients.memory_budgets_mb or [])
+    return budgets * config.clients.num_clients if len(budgets) == 1 else budgets
+
+
+def client_ranks(
+    config: Config,
+    base: nn.Module | None = None,
+    memory_need_mb: dict[int, float] | None = None,
+) -> list[int]:
+    """Every client's LoRA rank from the configured source (list, tiers or memory budgets:
+    against ``memory_need_mb`` per candidate rank when given (`measured_memory_mb`), else
+    against the closed-form estimate for ``base``)."""
     clients = config.clients
     if clients.rank_tiers is not None:
         return ranks_from_tiers(clients.num_clients, clients.rank_tiers, config.run.seed)
     if clients.memory_budgets_mb is not None:
+        if memory_need_mb is not None:
+            return ranks_within_budgets(memory_budgets(config), memory_need_mb)
         if base is None:
             raise ValueError("memory-budget ranks need the base model")
-        budgets = list(clients.memory_budgets_mb)
-        budgets = budgets * clients.num_clients if len(budgets) == 1 else budgets
         per_rank = lora_params_per_rank(base, target_modules(config, base))
-        return ranks_from_memory(budgets, per_rank, base_memory_mb(base), clients.candidate_ranks)
+        return ranks_from_memory(
+            memory_budgets(config), per_rank, base_memory_mb(base), clients.candidate_ranks
+        )
     return ranks_from_list(list(clients.ranks or DEFAULT_RANKS), clients.num_clients)
 
 
+def train_device(config: Config) -> tuple[torch.device, torch.dtype]:
+    """Where this process's clients train (``train.device``) and the base's dtype
+    (``model.dtype``), checked against the machine (raises ``DeviceError``)."""
+    device = resolve_device(config.train.device, "train.device")
+    return device, resolve_dtype(config.model.dtype, device)
+
+
+def server_device(config: Config) -> torch.device:
+    """Where the server aggregates, decomposes and evaluates (``federation.server_device``;
+    ``auto``: the first CUDA device, else the CPU, never MPS, which lacks float64)."""
+    device = resolve_device(config.federation.server_device, "federation.server_device")
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def probe_batch(config: Config, data: TaskData, tokenizer: Any, base: nn.Module) -> Any:
+    """The ``train.batch_size`` longest training examples (by characters), collated: the batch
+    every client measures its memory on (the same for all, whatever their share)."""
+
+    def size(example: Any) -> int:
+        texts = [getattr(example, key, None) for key in ("text", "text_pair", "prompt")]
+        choices = getattr(example, "choices", None) or [""]
+        return sum(len(t) for t in texts if t) + max(len(c) for c in choices)
+
+    order = sorted(range(len(data.train)), key=lambda i: -size(data.train[i]))
+    encoded = encode(config, take(data.train, order[: config.train.batch_size]), tokenizer, base)
+    return encoded.collate([encoded[i] for i in range(len(encoded))])
+
+
+def measured_memory_mb(
+    config: Config,
+    base: nn.Module,
+    batch: Any,
+    device: torch.device,
+    precision: torch.dtype,
+) -> dict[int, float]:
+    """MiB of one training step at every ``clients.candidate_ranks`` rank, measured with this
+    run's model on ``device`` in ``precision`` (`measure_rank_memory`)."""
+
+    def build(rank: int) -> nn.Module:
+        return placed(config, lora_model(config, base, rank, seed=config.run.seed), device)
+
+    return measure_rank_memory(build, batch, batch_loss, config.clients.candidate_ranks, precision)
+
+
 @lru_cache(maxsize=2)
-def load_base(config_json: str, num_labels: int) -> tuple[nn.Module, Any]:
-    """Base model and tokenizer (cached per process; callers deep-copy before wrapping)."""
+def load_base(
+    config_json: str, num_labels: int, quantized_on: str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """Base model (on the CPU, weights in ``model.dtype``) and tokenizer (cached per process;
+    callers deep-copy before wrapping and move the copy to their device). A quantised base
+    (``model.quantization``) is loaded straight onto ``quantized_on``, a CUDA device."""
     config = Config.model_validate_json(config_json)
     return load_base_model(
-        config.model.path, config.model.task, num_labels=num_labels, seed=config.run.seed
+        config.model.path,
+        config.model.task,
+        num_labels=num_labels,
+        seed=config.run.seed,
+        dtype=getattr(torch, config.model.dtype),
+        quantization=config.model.quantization,
+        device=torch.device(quantized_on),
     )
+
+
+def placed(config: Config, model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``; a quantised model is already on its device (bitsandbytes models
+    refuse ``.to``)."""
+    return model if config.model.quantization != "none" else model.to(device)
+
+
+def base_placement(config: Config, device: torch.device) -> str:
+    """`load_base`'s ``quantized_on``: the caller's device for a quantised base (after
+    `check_quantization`), else ``"cpu"`` (unquantised bases load on the CPU)."""
+    if config.model.quantization == "none":
+        return "cpu"
+    check_quantization(config.model.quantization, device)
+    return str(device)
 
 
 def model_num_labels(config: Config, data: TaskData) -> int | None:
@@ -124,7 +211,7 @@ def model_num_labels(config: Config, data: TaskData) -> int | None:
 def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Module:
     """A PEFT LoRA model of rank `rank` on a private copy of `base`."""
     model = config.model
-    return build_lora_model(
+    peft_model = build_lora_model(
         copy.deepcopy(base),
         rank,
         model.lora_alpha,
@@ -133,6 +220,9 @@ def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Modu
         dropout=model.lora_dropout,
         seed=seed,
     )
+    if config.train.gradient_checkpointing:  # acts in train mode only; evaluation is unchanged
+        enable_gradient_checkpointing(peft_model)
+    return peft_model
 
 
 def encode(config: Config, examples: list, tokenizer: Any, base: nn.Module) -> Any:

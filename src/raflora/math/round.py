@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from raflora.math._arrays import validate_factors
+from raflora.math.device import on_device, on_host
 from raflora.math.diagnostics import (
     effective_rank,
     partition_energy,
@@ -165,7 +166,8 @@ def compress(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> SVDUpdat
     """Thin SVD of ``B @ A`` without forming it, dropping the numerically zero directions
     (:func:`_float64_with_threshold`); computed in float64, accurate to ``dtype``
     (`significant_svd`)."""
-    U, S, Vt = significant_svd(*_float64_with_threshold(B, A), dtype)
+    B64, A64, rtol = _float64_with_threshold(B, A)
+    U, S, Vt = on_host(*significant_svd(*on_device(B64, A64), rtol, dtype))
     return SVDUpdate(U.astype(dtype), S.astype(dtype), Vt.astype(dtype))
 
 
@@ -174,14 +176,16 @@ def decompose(B: np.ndarray, A: np.ndarray, top: int, dtype: type = np.float32) 
     significant singular value (:func:`_float64_with_threshold`), from one decomposition
     (`leading_svd`, computed in float64, stored in ``dtype``)."""
     B64, A64, rtol = _float64_with_threshold(B, A)
-    U, S, Vt = leading_svd(B64, A64, top, rtol)
+    U, S, Vt = on_host(*leading_svd(*on_device(B64, A64), top, rtol))
     B, A, U, S, Vt = (np.asarray(x, dtype) for x in (B, A, U, S, Vt))
     return StackedUpdate(B, A, U, S, Vt)
 
 
 def compressed_values(B: np.ndarray, A: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """``compress(B, A, dtype).S`` without the singular vectors (`significant_values`)."""
-    return significant_values(*_float64_with_threshold(B, A)).astype(dtype)
+    B64, A64, rtol = _float64_with_threshold(B, A)
+    (S,) = on_host(significant_values(*on_device(B64, A64), rtol))
+    return S.astype(dtype)
 
 
 def empty_update(m: int, n: int) -> SVDUpdate:
@@ -422,8 +426,10 @@ def aggregate_round(
     per_module: dict[str, dict] = {}
     carried_energy = []
     for name in modules:
-        factors = [u.factors[name] for u in updates]
+        factors = [on_device(*u.factors[name]) for u in updates]  # no-op on the CPU
         agg, residual = aggregate_with_residual(settings, factors, weights)
+        agg = on_host(*agg)
+        residual = None if residual is None else on_host(*residual)
         if settings.apply == "merge":
             delta = stack(agg, residual) if residual is not None else agg
             merged_now[name] = _as(delta, settings.dtype)

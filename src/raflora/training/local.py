@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from raflora.training.data.encode import ChoiceDataset
+from raflora.training.device import autocast, grad_scaler
 
 Batch = dict[str, Tensor]
 Regularizer = Callable[[nn.Module], Tensor]
@@ -183,9 +184,15 @@ def train_local(
     grad_clip: float = 1.0,
     seed: int,
     regularizer: Regularizer | None = None,
+    precision: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Train the model's trainable parameters with a fresh AdamW for ``steps`` optimiser steps
     or ``epochs`` passes (exactly one), clipping the gradient norm at ``grad_clip`` (0 = off).
+
+    ``precision`` below float32 runs forward and loss under ``torch.autocast`` in that dtype on
+    the model's device (float16 on CUDA with a fresh ``GradScaler``: the loss is scaled before
+    ``backward`` and the gradients unscaled before clipping; steps with inf/nan gradients are
+    skipped by the scaler). The parameters keep their own dtype (float32 LoRA factors).
 
     Loss per step: ``batch_loss + regularizer(model)`` (e.g. HetLoRA's λ·tail norm). Returns
     ``train_loss`` (mean batch loss, without the regulariser), ``regularizer`` (its mean),
@@ -201,6 +208,7 @@ def train_local(
     total_steps = _num_steps(data, batch_size, steps, epochs)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device, start = _device(model), time.perf_counter()
+    scaler = grad_scaler(device, precision)
     losses, penalties, seen = [], [], 0
     was_training = model.training
     model.train()
@@ -208,15 +216,23 @@ def train_local(
         stream = _batches(data, batch_size, seed)
         for step in range(total_steps):
             batch = _to(next(stream), device)
-            loss = batch_loss(model, batch)
-            penalty = regularizer(model) if regularizer is not None else torch.zeros(())
+            with autocast(device, precision):
+                loss = batch_loss(model, batch).float()
+                penalty = regularizer(model) if regularizer is not None else torch.zeros(())
             if not torch.isfinite(loss + penalty):
                 raise FloatingPointError(f"non-finite training loss at local step {step}")
             optimizer.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
+            total = loss + penalty.to(loss.device)
+            (scaler.scale(total) if scaler is not None else total).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             losses.append(loss.item())
             penalties.append(penalty.item())
             seen += _size(batch)
@@ -269,8 +285,11 @@ def _evaluate_choices(model: nn.Module, data: ChoiceDataset, batch_size: int) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, *, batch_size: int) -> dict[str, float]:
-    """Loss and accuracy on an encoded dataset (in order, no gradient, eval mode).
+def evaluate(
+    model: nn.Module, data: Dataset, *, batch_size: int, precision: torch.dtype = torch.float32
+) -> dict[str, float]:
+    """Loss and accuracy on an encoded dataset (in order, no gradient, eval mode; under
+    ``torch.autocast`` in ``precision`` when it is below float32, as in `train_local`).
 
     Classification / images: mean cross-entropy and argmax accuracy. Multiple-choice: each
     choice is scored by its continuation log-likelihood; ``accuracy`` picks the best mean
@@ -282,8 +301,9 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int) -> dict[str, f
     was_training = model.training
     model.eval()
     try:
-        if isinstance(data, ChoiceDataset):
-            return _evaluate_choices(model, data, batch_size)
-        return _evaluate_logits(model, data, batch_size)
+        with autocast(_device(model), precision):
+            if isinstance(data, ChoiceDataset):
+                return _evaluate_choices(model, data, batch_size)
+            return _evaluate_logits(model, data, batch_size)
     finally:
         model.train(was_training)

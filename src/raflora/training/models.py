@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raflora.training.device import keep_trainables_float32
+
 TASKS = ("classification", "causal-lm", "image-classification")
 ALIASES = ("minilm", "smollm2-135m", "vit-tiny")
 
@@ -190,9 +192,22 @@ def _load_tokenizer(folder: str) -> Any:
 
 
 def load_base_model(
-    name_or_path: str, task: str, num_labels: int | None = None, seed: int = 0
+    name_or_path: str,
+    task: str,
+    num_labels: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load a float32 base model in eval mode and its tokenizer (``None`` for images).
+    """Load a base model (weights in ``dtype``, float32 by default) in eval mode and its
+    tokenizer (``None`` for images).
+
+    ``quantization`` ``"4bit"`` (NF4, double quantisation) or ``"8bit"`` (LLM.int8) loads the
+    linear weights through bitsandbytes onto ``device`` (CUDA; computing in ``dtype``) and
+    prepares the model for k-bit training (PEFT's ``prepare_model_for_kbit_training``: norms
+    and heads in float32, input gradients on); check it first with
+    `raflora.training.device.check_quantization`.
 
     ``task`` is ``"classification"`` (sequence classification head, ``num_labels`` default 2),
     ``"causal-lm"`` or ``"image-classification"`` (head resized to ``num_labels`` if given).
@@ -202,18 +217,40 @@ def load_base_model(
     """
     auto = _auto_class(task)
     folder = resolve_model(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if task == "classification":
         num_labels = num_labels or 2
     if task != "causal-lm" and num_labels is not None:  # a saved head of another size is redrawn
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if quantization != "none":
+        kwargs.update(quantization_config=_bnb_config(quantization, dtype), device_map={"": device})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = auto.from_pretrained(folder, **kwargs)
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = None if task == "image-classification" else _load_tokenizer(folder)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence heads find the last token
     return model.eval(), tokenizer
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
+    """transformers' bitsandbytes settings for a QLoRA-style frozen base."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"model.quantization {quantization!r}: expected none, 4bit or 8bit")
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -307,4 +344,22 @@ def build_lora_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
+    keep_trainables_float32(model)  # a half-precision base: LoRA factors and heads stay float32
     return model.eval()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (non-reentrant
+    checkpointing: same gradients, memory of one block's activations instead of all). Raises
+    ``ValueError`` naming ``train.gradient_checkpointing`` when the architecture lacks it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient "
+            "checkpointing; set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

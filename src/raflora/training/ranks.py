@@ -1,6 +1,10 @@
 """Client LoRA ranks: from an explicit list, from tiers, or from memory budgets.
 
-Memory model used by `ranks_from_memory` (float32 everywhere, MiB = 2**20 bytes)::
+Memory budgets are matched against the memory of one training step measured at each candidate
+rank (`measure_rank_memory`: the client's model on its own device and in its own precision);
+the closed-form estimate below is what `raflora run --dry-run` prints without training.
+
+Estimate (`training_memory_mb`, float32 everywhere, MiB = 2**20 bytes)::
 
     mem(r) = base_memory_mb + activation_mb + 4 · (4 bytes · r · P₁) / 2**20
 
@@ -12,10 +16,14 @@ their gradients and AdamW's two moments. ``base_memory_mb`` covers the frozen ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
+
+from raflora.training.device import autocast, grad_scaler
 
 
 def _check_rank(rank: int) -> int:
@@ -95,26 +103,122 @@ def ranks_from_memory(
     candidate_ranks: Sequence[int],
     activation_mb: float = 0.0,
 ) -> list[int]:
-    """Per client, the largest candidate rank with ``mem(r) <= budget``; a budget fitting no
-    candidate raises ``ValueError`` naming the client and what the smallest rank needs."""
+    """Per client, the largest candidate rank with the estimate ``mem(r) <= budget``; a budget
+    fitting no candidate raises ``ValueError`` naming the client and what the smallest rank
+    needs."""
     candidates = sorted({_check_rank(rank) for rank in candidate_ranks})
+    if not candidates:
+        raise ValueError("candidate_ranks: needs at least one rank")
+    need = {
+        rank: training_memory_mb(rank, lora_param_count_per_rank, base_memory_mb, activation_mb)
+        for rank in candidates
+    }
+    return ranks_within_budgets(budgets_mb, need)
+
+
+def ranks_within_budgets(budgets_mb: Sequence[float], need_mb: Mapping[int, float]) -> list[int]:
+    """Per client, the largest rank r with ``need_mb[r] <= budget`` (``need_mb``: MiB per
+    candidate rank, estimated or measured); a budget fitting none raises ``ValueError``."""
+    candidates = sorted(_check_rank(rank) for rank in need_mb)
     if not candidates:
         raise ValueError("candidate_ranks: needs at least one rank")
     ranks = []
     for client, budget in enumerate(budgets_mb):
-        fitting = [
-            rank
-            for rank in candidates
-            if training_memory_mb(rank, lora_param_count_per_rank, base_memory_mb, activation_mb)
-            <= budget
-        ]
+        fitting = [rank for rank in candidates if need_mb[rank] <= budget]
         if not fitting:
-            need = training_memory_mb(
-                candidates[0], lora_param_count_per_rank, base_memory_mb, activation_mb
-            )
             raise ValueError(
                 f"client {client}: memory budget {budget:g} MB fits no candidate "
-                f"rank (rank {candidates[0]} needs {need:.1f} MB)"
+                f"rank (rank {candidates[0]} needs {need_mb[candidates[0]]:.1f} MB)"
             )
         ranks.append(fitting[-1])
     return ranks
+
+
+def _resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers in their own dtypes."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cpu_step_bytes(step: Callable[[], None]) -> int:
+    """Bytes torch allocates on the CPU while ``step`` runs, from the profiler's memory records
+    (leaf operators' own allocations minus the frees it attributes, in time order; the running
+    maximum). The profiler does not see every free, so this is an upper bound on the step's
+    peak, deterministic for a given model and batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.events() if e.name == "[memory]" or not e.cpu_children]
+    events.sort(key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        memory = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        current += memory
+        peak = max(peak, current)
+    return peak
+
+
+def step_memory_mb(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    precision: torch.dtype = torch.float32,
+) -> float:
+    """MiB one AdamW training step of ``model`` on ``batch`` needs on the model's device.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the step (model, activations, gradients,
+    optimiser state, workspace). CPU/MPS: the model's parameters and buffers plus what the step
+    allocates (`_cpu_step_bytes`, an upper bound). The step runs as in `train_local` (autocast,
+    loss scaling) and changes the model's trainable parameters.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-8)
+    scaler = grad_scaler(device, precision)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    was_training = model.training
+    model.train()
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = loss_fn(model, batch).float()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            used = torch.cuda.max_memory_allocated(device)
+        else:
+            used = _resident_bytes(model) + _cpu_step_bytes(step)
+    finally:
+        model.train(was_training)
+    return used / 2**20
+
+
+def measure_rank_memory(
+    build: Callable[[int], nn.Module],
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    candidate_ranks: Sequence[int],
+    precision: torch.dtype = torch.float32,
+) -> dict[int, float]:
+    """``{rank: step_memory_mb(build(rank), ...)}`` for every candidate rank; each model is
+    released before the next is built (on CUDA its cached blocks too)."""
+    need = {}
+    for rank in sorted({_check_rank(r) for r in candidate_ranks}):
+        model = build(rank)
+        need[rank] = step_memory_mb(model, batch, loss_fn, precision)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return need
