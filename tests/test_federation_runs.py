@@ -265,7 +265,7 @@ def test_resume_refuses_a_different_config(runs, tiny_bert_dir) -> None:
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("method", ["raflora", "flora"])
+@pytest.mark.parametrize("method", ["raflora", "flora", "fedex"])
 def test_exported_adapter_reproduces_the_final_server_evaluation(runs, method, tmp_path) -> None:
     from peft import PeftModel
 
