@@ -94,6 +94,7 @@ RANK_SETS = [[2, 2, 2], [1, 2, 4], [4, 2, 2, 8], [3], [1, 5, 5, 2, 3]]
     ("method", "options", "reference"),
     [
         ("zeropad", {}, lambda f, w: ref_zeropad(f, np.asarray(w) / np.sum(w))),
+        ("fedex", {}, lambda f, w: ref_zeropad(f, np.asarray(w) / np.sum(w))),  # its adapter
         ("hetlora", {}, ref_hetlora),
         ("hetlora", {"data_weighted": True}, lambda f, w: ref_hetlora(f, w, True)),
         ("rblora", {}, ref_rblora),
@@ -294,7 +295,8 @@ def test_partition_bounds_and_weights():
 
 
 def test_registry_contents_and_unknown_method():
-    assert available_methods() == sorted(["fedit", "flexlora_nm", *METHODS, *SVD_VARIANTS])
+    expected = ["fedit", "fedex", "flexlora_nm", *METHODS, *SVD_VARIANTS]
+    assert available_methods() == sorted(expected)
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*raflora"):
         aggregate("nope", make_factors([1]), [1])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
     """Format 1 (before the adapter kept its stacked factors) held thin SVDs only."""
     original = state(svd=True)
     path = save_checkpoint(tmp_path, original, EXTRA)
-    assert json.loads((path / ckpt.META).read_text())["format"] == 2
+    assert json.loads((path / ckpt.META).read_text())["format"] == 3
     rewrite_meta(path, lambda m: m.update(format=1), rehash=True)
     loaded, meta = load_checkpoint(path)
     assert meta["format"] == 1
@@ -90,6 +91,79 @@ def test_saving_a_round_again_replaces_it(tmp_path: Path) -> None:
     loaded, meta = load_checkpoint(checkpoint_dir(tmp_path, 2))
     assert_identical(newer, loaded)
     assert meta["history"] == []
+
+
+# --------------------------------------------------------------------------- merged rounds
+
+
+def with_rounds(round_number: int, rounds: list[int]) -> GlobalState:
+    """A merge-mode state whose merged rounds are ``rounds`` (factors of rank 2 + t)."""
+    rng = np.random.default_rng(99)
+    merged_rounds = {
+        t: {
+            name: (
+                rng.standard_normal((8, 2 + t)).astype(np.float32),
+                rng.standard_normal((2 + t, 6)).astype(np.float32),
+            )
+            for name in ("bert.encoder.layer.0.attention.self.query", "layer.1.value")
+        }
+        for t in rounds
+    }
+    return dataclasses.replace(state(round_number, merged=True), merged_rounds=merged_rounds)
+
+
+def assert_same_rounds(a: GlobalState, b: GlobalState) -> None:
+    assert list(a.merged_rounds) == list(b.merged_rounds)
+    for t, factors in a.merged_rounds.items():
+        assert factors.keys() == b.merged_rounds[t].keys()
+        for name, pair in factors.items():
+            for x, y in zip(pair, b.merged_rounds[t][name], strict=True):
+                assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def test_merged_rounds_are_written_once_and_shared_by_later_checkpoints(tmp_path: Path) -> None:
+    states = [with_rounds(1, [1]), with_rounds(2, [1]), with_rounds(3, [1, 3])]  # 2 skipped
+    written = {}
+    for original in states:
+        path = save_checkpoint(tmp_path, original, EXTRA)
+        folder = tmp_path / "checkpoints" / ckpt.ROUNDS
+        written[original.round] = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        loaded, meta = load_checkpoint(path)
+        assert_identical(original, loaded)
+        assert_same_rounds(original, loaded)
+        assert sorted(meta["merged_rounds"]) == [str(t) for t in original.merged_rounds]
+    assert sorted(written[3]) == ["round_001.safetensors", "round_003.safetensors"]
+    first = written[1]["round_001.safetensors"]
+    assert written[2]["round_001.safetensors"] == written[3]["round_001.safetensors"] == first
+    # every checkpoint still loads its own rounds
+    loaded, _ = load_checkpoint(checkpoint_dir(tmp_path, 1))
+    assert_same_rounds(states[0], loaded)
+
+
+def test_a_modified_or_missing_merged_round_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, with_rounds(2, [1, 2]), EXTRA)
+    round_file = ckpt.merged_round_path(tmp_path, 1)
+    original = round_file.read_bytes()
+    flip(round_file, 100)
+    with pytest.raises(CheckpointError, match=r"round_001\.safetensors: SHA-256 does not match"):
+        load_checkpoint(path)
+    round_file.unlink()
+    with pytest.raises(CheckpointError, match="merged round 1 is missing"):
+        load_checkpoint(path)
+    round_file.write_bytes(original)
+    load_checkpoint(path)
+
+
+def test_a_format_2_checkpoint_has_its_merged_sum_as_one_merged_round(tmp_path: Path) -> None:
+    original = with_rounds(4, [1, 2, 4])
+    path = save_checkpoint(tmp_path, original, EXTRA)
+    rewrite_meta(path, lambda m: (m.update(format=2), m.pop("merged_rounds")), rehash=True)
+    loaded, _ = load_checkpoint(path)
+    assert_identical(original, loaded)
+    assert list(loaded.merged_rounds) == [4]
+    for name, update in original.merged.items():
+        B, A = loaded.merged_rounds[4][name]
+        np.testing.assert_allclose(B @ A, (update.U * update.S) @ update.Vt, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- damage

@@ -158,6 +158,25 @@ def test_merge_mode_round_model_is_base_plus_merged_update(ctx) -> None:
         assert B.shape[1] == 4 and not B.any()
 
 
+def test_merged_factors_stack_the_required_rounds_in_order_and_refuse_a_gap() -> None:
+    rng = np.random.default_rng(0)
+
+    def round_factors(rank: int) -> dict:
+        return {"q": (rng.standard_normal((6, rank)), rng.standard_normal((rank, 5)))}
+
+    r1, r2, r4 = round_factors(2), round_factors(3), round_factors(1)
+    stale = round_factors(3)  # what the client holds wins over a resent copy
+    merged = work.merged_factors([1, 2, 4], {1: r1, 2: r2}, {2: stale, 4: r4}, refusal="no")
+    B, A = merged["q"]
+    assert B.shape == (6, 6) and A.shape == (6, 5)
+    np.testing.assert_array_equal(B, np.concatenate([r1["q"][0], r2["q"][0], r4["q"][0]], 1))
+    expected = sum(f["q"][0] @ f["q"][1] for f in (r1, r2, r4))
+    np.testing.assert_allclose(B @ A, expected, atol=1e-12)
+    assert work.merged_factors([], {}, {3: r4}, refusal="no") == {}  # nothing required
+    with pytest.raises(work.MissingMergedRounds, match=r"^missing rounds \[1, 3\]: "):
+        work.merged_factors([1, 2, 3], {2: r2}, {}, refusal="missing rounds")
+
+
 def test_evaluate_round_matches_the_training_layers_evaluate(ctx) -> None:
     lora = global_factors(ctx, 8, seed=3)
     metrics = work.evaluate_round(ctx, 8, lora, {}, {})

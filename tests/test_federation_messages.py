@@ -91,6 +91,38 @@ def test_unpack_rejects_malformed_keys(keys: list[str], match: str) -> None:
         msg.unpack(record)
 
 
+def test_merged_rounds_round_trip_and_only_unpack_payload_reads_them() -> None:
+    rounds = {3: factors(2, seed=3), 1: factors(4, seed=1)}
+    record = msg.pack(lora=factors(3), dense=head(), rounds=rounds)
+    assert "enc.0.query.merged_B@3" in record and "enc.0.value.merged_A@1" in record
+    payload = msg.unpack_payload(record)
+    assert list(payload.rounds) == [1, 3] and payload.merged == {}
+    for t, sent in rounds.items():
+        for name, (B, A) in sent.items():
+            got = payload.rounds[t][name]
+            assert got[0].tobytes() == B.tobytes() and got[1].tobytes() == A.tobytes()
+    assert set(payload.lora) == set(MODULES) and set(payload.dense) == set(HEAD)
+    with pytest.raises(msg.MessageFormatError, match=r"per-round merged factors \(rounds \[1, 3\]"):
+        msg.unpack(record)  # a client's reply never carries merged rounds
+    with pytest.raises(ValueError, match="round 0"):
+        msg.pack(rounds={0: factors(1)})
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        (["q.merged_B@2"], r"round-2 merged factors"),
+        (["q.merged_B@2", "q.merged_A@3"], r"only \['B'\] of its round-2"),
+        (["q.merged_B@0", "q.merged_A@0"], "unexpected array key 'q.merged_B@0'"),
+        (["q.merged_B@x", "q.merged_A@x"], "unexpected array key"),
+    ],
+)
+def test_unpack_payload_rejects_malformed_round_keys(keys: list[str], match: str) -> None:
+    record = ArrayRecord({key: Array(np.zeros((2, 2), np.float32)) for key in keys})
+    with pytest.raises(msg.MessageFormatError, match=match):
+        msg.unpack_payload(record)
+
+
 # --------------------------------------------------------------------------- validation
 
 

@@ -24,7 +24,7 @@ from raflora.federation import task
 from raflora.federation.checkpoint import load_checkpoint
 from raflora.federation.export import export_run
 from raflora.federation.finish import finish_run
-from raflora.math import available_methods
+from raflora.math import available_methods, get_method
 from raflora.training import evaluate, load_base_model, take
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -104,22 +104,36 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
         assert record["bytes_received"] > 0 and record["bytes_sent"] > 0
         assert 0 < record["top_rmin_energy"] <= 1 + 1e-9
     merge = config.federation.apply_mode == "merge"
+    residual = get_method(method).residual is not None  # FedEx-LoRA: adapter + merged residual
+    # what round 1 merged into the base, per module: FLoRA's stack Σ r_k, FedEx's residual
+    # [p_k B_k …, −B̄] of rank Σ r_k + r_max
+    merged_rank = sum(ranks.values()) + (max(ranks.values()) if residual else 0)
     for message in train_messages(grid, 2):  # round 2: every client starts from the global model
         pid = pid_of(grid, message)
-        assert message.content[msg.CONFIG][msg.RANK] == ranks[pid]
-        lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
-        assert set(dense) == {"classifier.weight", "classifier.bias"}
-        if merge:
-            assert lora == {} and merged and all(B.shape[1] > 0 for B, _ in merged.values())
+        config_record = message.content[msg.CONFIG]
+        assert config_record[msg.RANK] == ranks[pid]
+        payload = msg.unpack_payload(message.content[msg.ARRAYS])
+        assert set(payload.dense) == {"classifier.weight", "classifier.bias"}
+        assert payload.merged == {}  # the whole merged sum travels only with merged_wire=total
+        if merge or residual:  # round 1's merged factors, once
+            assert config_record[msg.MERGED_ROUNDS] == [1] and list(payload.rounds) == [1]
+            assert len(payload.rounds[1]) == 4
+            assert all(B.shape == (32, merged_rank) for B, _ in payload.rounds[1].values())
         else:
-            assert merged == {} and len(lora) == 4  # query, value × 2 layers
+            assert config_record[msg.MERGED_ROUNDS] == [] and payload.rounds == {}
+        if merge:
+            assert payload.lora == {}
+        else:
+            assert len(payload.lora) == 4  # query, value × 2 layers
             assert all(
                 B.shape == (32, ranks[pid]) and A.shape == (ranks[pid], 32)
-                for B, A in lora.values()
+                for B, A in payload.lora.values()
             )
     total = state.total_update()
-    assert (state.adapter == {}) == merge and (state.merged == {}) != merge
-    most = min(32, (2 if merge else 1) * sum(ranks.values()))  # D_2 = ΔW_1 + ΔW_2 when merged
+    assert (state.adapter == {}) == merge and (state.merged == {}) == (not merge and not residual)
+    assert sorted(state.merged_rounds) == ([1, 2] if merge or residual else [])
+    # D_2 = ΔW_1 + ΔW_2 when merged; FedEx: D_1 + Σ p_k B_k A_k, D_1 in span(B_k of round 1)
+    most = min(32, (2 if merge or residual else 1) * sum(ranks.values()))
     assert len(total) == 4 and all(0 < u.rank <= most for u in total.values())
     assert history[2]["global_rank"] == max(u.rank for u in total.values())
     assert state.ranks == ranks
@@ -189,6 +203,7 @@ def test_same_seed_gives_the_same_metrics(runs) -> None:
 RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
     "raflora": ["federation.method=raflora"],
     "flora": ["federation.method=flora", "federation.apply=merge"],
+    "fedex": ["federation.method=fedex"],  # adapter + merged residuals
     "hetlora-pruned": [  # clients shrink their rank every round
         "federation.method=hetlora",
         "federation.options.prune_threshold=1e9",
@@ -198,11 +213,14 @@ RESUMABLE = {  # a run of each kind, stopped after round 1 and resumed
 }
 
 
+MERGING = ("flora", "fedex")  # runs whose rounds merge factors into the base
+
+
 @pytest.mark.parametrize("kind", sorted(RESUMABLE))
 def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp_path, kind):
     overrides = RESUMABLE[kind]
-    # raflora and flora: the same configs as the every-method runs, which are reused
-    reuse = kind in ("raflora", "flora")
+    # raflora, flora, fedex: the same configs as the every-method runs, which are reused
+    reuse = kind in ("raflora", "flora", "fedex")
     full = method_run(runs, kind) if reuse else runs(f"resume-{kind}", *overrides)
     assert full["config"] == tiny_config(tiny_bert_dir, *overrides)
     run_dir = tmp_path / "resumed"
@@ -225,6 +243,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(runs, tiny_bert_dir, tmp
             for part in ("U", "S", "Vt"):
                 assert getattr(x[name], part).tobytes() == getattr(y[name], part).tobytes()
     assert all(a.dense[k].tobytes() == b.dense[k].tobytes() for k in a.dense)
+    assert list(a.merged_rounds) == list(b.merged_rounds) == ([1, 2] if kind in MERGING else [])
+    for t, factors in a.merged_rounds.items():
+        for name, pair in factors.items():
+            other = b.merged_rounds[t][name]
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(pair, other, strict=True))
     if kind == "hetlora-pruned":
         assert a.ranks != {0: 2, 1: 4, 2: 8}  # the pruning did happen
 
@@ -242,7 +265,7 @@ def test_resume_refuses_a_different_config(runs, tiny_bert_dir) -> None:
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("method", ["raflora", "flora"])
+@pytest.mark.parametrize("method", ["raflora", "flora", "fedex"])
 def test_exported_adapter_reproduces_the_final_server_evaluation(runs, method, tmp_path) -> None:
     from peft import PeftModel
 

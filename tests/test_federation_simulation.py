@@ -87,3 +87,19 @@ def test_every_socket_the_simulation_opens_is_on_loopback(tiny_bert_dir, tmp_pat
     assert {"gcs_server", "raylet"} <= names, seen  # the watcher saw Ray's servers
     exposed = {key: port for key, port in seen.items() if not is_loopback(key[1])}
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.slow
+def test_ray_keeps_each_nodes_merged_rounds_between_messages(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """FLoRA's per-round wire relies on Flower's per-node ``context.state`` under Ray: round 3
+    sends only round 2's stack (clients confirmed round 1), and a client whose state had not
+    been kept would refuse it (``missing merged rounds [1]``)."""
+    config = tiny_config(tiny_bert_dir, "federation.method=flora", "federation.rounds=3")
+    run_federated(config, tmp_path / "ray")
+    history = check_run_outputs(tmp_path / "ray", 3)
+    assert all(r["ok"] == 3 and r["failures"] == {} for r in history[1:])
+    assert history[3]["bytes_sent"] == history[2]["bytes_sent"] > history[1]["bytes_sent"]
+    local = run_in_process(config, tmp_path / "local", finish=False)
+    assert without_timing(history) == without_timing(local["history"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -138,9 +139,11 @@ def test_first_round_sends_no_factors_and_merge_mode_sends_the_merged_update() -
     for message in out:
         lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
         assert lora == {} and merged == {} and set(dense) == {"classifier.weight"}
+        assert message.content[msg.CONFIG][msg.MERGED_ROUNDS] == []
 
     state = global_state(rank=5, merged=True)
-    out = list(strategy(state=state).configure_train(2, None, ConfigRecord(), grid=None))
+    cfg = config(method="flora", merged_wire="total")
+    out = list(strategy(cfg, state=state).configure_train(2, None, ConfigRecord(), grid=None))
     for message in out:
         lora, merged, _ = msg.unpack(message.content[msg.ARRAYS])
         assert lora == {}
@@ -153,6 +156,78 @@ def test_first_round_sends_no_factors_and_merge_mode_sends_the_merged_update() -
                 (update.U * update.S).astype(np.float64) @ update.Vt,
                 atol=1e-5,
             )
+
+
+def merged_rounds(rounds: list[int], rank: int = 3) -> dict[int, dict[str, tuple]]:
+    """Per round t, factors (m, rank + t), (rank + t, n) for every module."""
+    rng = np.random.default_rng(5)
+    return {
+        t: {
+            name: (
+                rng.standard_normal((m, rank + t)).astype(np.float32),
+                rng.standard_normal((rank + t, n)).astype(np.float32),
+            )
+            for name, (m, n) in MODULES.items()
+        }
+        for t in rounds
+    }
+
+
+def sent_rounds(out, listed: list[int]) -> dict[int, list[int]]:
+    """partition id → the merged rounds its message carries (every message lists them all)."""
+    pid_of = {NODE[pid]: pid for pid in NODE}
+    sent = {}
+    for message in out:
+        payload = msg.unpack_payload(message.content[msg.ARRAYS])
+        assert payload.merged == {}
+        assert message.content[msg.CONFIG][msg.MERGED_ROUNDS] == listed
+        sent[pid_of[message.metadata.dst_node_id]] = sorted(payload.rounds)
+    return sent
+
+
+def test_merged_rounds_go_to_each_client_once_until_it_refuses() -> None:
+    """merged_wire = rounds: a client gets the merged rounds after the last one it confirmed
+    (its reply's merged-through); one that refuses for lack of a round gets them all again."""
+    rounds = merged_rounds([1, 3])
+    state = replace(global_state(rank=5, merged=True), round=3, merged_rounds=rounds)
+    s = strategy(config(method="flora"), state=state)
+    out = list(s.configure_train(4, None, ConfigRecord(), grid=None))
+    # round 2 merged nothing (skipped); nothing confirmed yet
+    assert sent_rounds(out, [1, 3]) == {0: [1, 3], 1: [1, 3], 2: [1, 3]}
+    for message in out:  # what travels is the rounds' own factors, bit for bit
+        payload = msg.unpack_payload(message.content[msg.ARRAYS])
+        for t, factors in rounds.items():
+            for name, (B, A) in factors.items():
+                assert payload.rounds[t][name][0].tobytes() == B.tobytes()
+                assert payload.rounds[t][name][1].tobytes() == A.tobytes()
+    # per client and module Σ_t R_t (m + n) floats, R_t = 3 + t, plus the head (2×4)
+    floats = 3 * (sum((m + n) * (3 + t) for t in (1, 3) for m, n in MODULES.values()) + 2 * 4)
+    arrays = 3 * (2 * 2 * len(MODULES) + 1)  # B and A per round and module, and the head
+    assert s.current.bytes_sent == sum(m.content[msg.ARRAYS].count_bytes() for m in out)
+    assert 4 * floats < s.current.bytes_sent < 4 * floats + 250 * arrays  # + keys, npy headers
+    replies = [
+        train_reply(NODE[0], trained(0, 2), 10, head(0), extra={msg.MERGED_THROUGH: 3}),
+        train_reply(NODE[1], trained(1, 4), 20, head(1), extra={msg.MERGED_THROUGH: 1}),
+        error_reply(NODE[2], f"ClientAppException: {msg.MISSING_ROUNDS} [1]"),
+    ]
+    s.aggregate_train(4, replies)
+    assert s.confirmed == {0: 3, 1: 1}
+    # round 4 merged its own factors; client 0 needs only those, client 1 also round 3
+    s.state = replace(s.state, merged_rounds={**rounds, 4: merged_rounds([4])[4]})
+    out = list(s.configure_train(5, None, ConfigRecord(), grid=None))
+    assert sent_rounds(out, [1, 3, 4]) == {0: [4], 1: [3, 4], 2: [1, 3, 4]}
+    # a refusal (the client's node lost its state) resets what it confirmed
+    s.aggregate_train(5, [error_reply(NODE[0], f"x: {msg.MISSING_ROUNDS} [1, 3]")])
+    assert 0 not in s.confirmed and s.confirmed == {1: 1}
+    # a merged-through beyond what the server merged, or not an integer, is not believed
+    s.aggregate_train(
+        5,
+        [
+            train_reply(NODE[1], trained(1, 4), 20, head(1), extra={msg.MERGED_THROUGH: 9}),
+            train_reply(NODE[2], trained(2, 8), 30, head(2), extra={msg.MERGED_THROUGH: 2.5}),
+        ],
+    )
+    assert s.confirmed == {1: 1}
 
 
 def test_seeded_sampling_is_reproducible_and_ignores_node_ids() -> None:

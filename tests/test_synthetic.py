@@ -181,3 +181,17 @@ def test_partial_participation_needs_carry_over():
     assert abs(kept["raflora"]["top_rmin_energy"][-1] - target) < 0.05
     assert kept["raflora"]["rel_error"][-1] < 0.1 < 0.3 < lost["raflora"]["rel_error"][-1]
     assert kept["flexlora"]["top_rmin_energy"][-1] > target + 0.3
+
+
+def test_fedex_global_model_is_the_exact_mean_of_the_clients_models(tmp_path):
+    """Round 1 starts every method from the same LoRA init, so the clients train the same
+    factors: FedEx-LoRA's W + residual + B̄ Ā is their exact mean, FlexLoRA's Σ p_k B_k A_k;
+    zero-padding's B̄ Ā alone is not. Later rounds differ (FedEx restarts from slices)."""
+    config = dataclasses.replace(SMALL, methods=("fedex", "flexlora", "zeropad"))
+    results = run(config, tmp_path, progress=False)
+    first = {m: results[m]["rel_error"][0] for m in config.methods}
+    assert first["fedex"] == pytest.approx(first["flexlora"], rel=1e-9)
+    assert abs(first["zeropad"] - first["flexlora"]) > 1e-3
+    assert results["fedex"]["rel_error"][1:] != results["flexlora"]["rel_error"][1:]
+    notes = json.loads((tmp_path / "run.json").read_text())["notes"]
+    assert "residual" in notes["fedex"] and "flexlora" not in notes

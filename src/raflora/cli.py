@@ -394,10 +394,11 @@ def experiment(
 def _receives(method: Any) -> str:
     """What a client of rank r starts a round from, in words."""
     if method.apply == "merge":
-        return "the merged update (folded into its base) and a fresh LoRA"
+        return "each round's merged update (folded into its base) and a fresh LoRA"
+    folded = " + each round's residual (folded into its base)" if method.residual else ""
     if method.allocation == "svd":
-        return "the best rank-r truncation of the kept update (SVD)"
-    return "the leading r columns of the kept averaged factors"
+        return "the best rank-r truncation of the kept update (SVD)" + folded
+    return "the leading r columns of the kept averaged factors" + folded
 
 
 @app.command()

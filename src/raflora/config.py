@@ -263,6 +263,10 @@ class FederationSection(_Section):
     method's own (on for raflora, this project's addition; off for the baselines)"""
     split: Literal["us", "sqrt"] = "us"
     """how allocation splits singular values between B and A"""
+    merged_wire: Literal["rounds", "total"] = "rounds"
+    """what a client gets of the update merged into its base (flora, fedex, merge mode):
+    the factors of each round it has not merged yet, kept in its node state (rounds, the
+    papers' protocol), or the whole merged sum as a thin SVD every round (total, stateless)"""
     options: dict[str, Any] = {}
     """method options, e.g. {weighting = "energy"} for raflora, {reg_lambda = 0} for hetlora
     (`raflora methods --options`)"""

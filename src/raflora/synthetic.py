@@ -11,9 +11,10 @@ Each round the server runs the same round step as the federated engine
 (:func:`raflora.math.round.aggregate_round`) with each method's own protocol: what it keeps,
 what a client of rank r starts from (the best rank-r truncation, or the leading r columns of
 the averaged factors; columns beyond what the server has are LoRA-initialised), whether it
-merges into the base (FLoRA: clients restart from LoRA's init every round) and whether it
-carries the directions no sampled client holds (``carry_over``: None = the method's default,
-on for raflora only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
+merges into the base (FLoRA: clients restart from LoRA's init every round) or folds a
+residual into it (FedEx-LoRA: clients train on W_base + D) and whether it carries the
+directions no sampled client holds (``carry_over``: None = the method's default, on for raflora
+only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
 same targets, client sampling, initial factors and local steps. Client-side hooks (HetLoRA's
 regulariser and self-pruning) are not modelled here: the task compares the server protocols.
 
@@ -218,9 +219,10 @@ def _client_start(
     return B, A
 
 
-def _product(state: GlobalState) -> Tensor | float:
-    """The global update B A (m, n) the state defines, or 0 before the first round."""
-    total = state.total_update()
+def _product(state: GlobalState, merged: bool = False) -> Tensor | float:
+    """The global update B A (m, n) the state defines (``merged``: only the part merged into
+    the base, merge mode or a method's residual), or 0 before there is one."""
+    total = state.merged if merged else state.total_update()
     if not total:
         return 0.0
     B, A = total[MODULE].whole()
@@ -254,7 +256,7 @@ def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: No
     out.update(partition_energy=[], effective_rank=[])
     for t in range(1, config.rounds + 1):
         clients = sample_clients(config, t)
-        base = _product(state) if merge else 0.0
+        base = _product(state, merged=True)  # W_base + D: merge mode, FedEx's residuals
         updates = []
         for k in clients:
             start = lora_init(config, config.ranks[k], t, k) if merge else None
@@ -278,6 +280,15 @@ def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: No
 
 
 # --------------------------------------------------------------------------- the experiment
+
+
+def _note(config: SyntheticConfig, method: str) -> str:
+    """How a method's global model differs from its adapter, for run.json ("" if it does not)."""
+    if (config.apply or get_method(method).apply) == "merge":
+        return "merged into the base each round; clients restart from LoRA init"
+    if get_method(method).residual is not None:
+        return "its residual is folded into the base each round; clients restart from its slices"
+    return ""
 
 
 def methods_to_run(config: SyntheticConfig) -> tuple[list[str], dict[str, str]]:
@@ -369,11 +380,7 @@ def write_outputs(
         "partition_bounds": bounds,
         "target": {"singular_values": sigma.tolist(), "partition_energy": target},
         "predicted_retention": predicted_retention(config.ranks, config.client_sizes),
-        "notes": {
-            m: "merged into the base each round; clients restart from LoRA init"
-            for m in results
-            if (config.apply or get_method(m).apply) == "merge"
-        },
+        "notes": {m: note for m in results if (note := _note(config, m))},
         "wall_time_s": round(wall_s, 3),
     }
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")

@@ -34,8 +34,11 @@ def train_reply(
     num_examples: float | int,
     dense: dict[str, np.ndarray] | None = None,
     train_loss: float = 1.0,
+    extra: dict[str, int | float] | None = None,
 ) -> Message:
-    metrics = MetricRecord({msg.NUM_EXAMPLES: num_examples, msg.TRAIN_LOSS: train_loss})
+    metrics = MetricRecord(
+        {msg.NUM_EXAMPLES: num_examples, msg.TRAIN_LOSS: train_loss, **(extra or {})}
+    )
     content = RecordDict({msg.ARRAYS: msg.pack(lora=lora, dense=dense), msg.METRICS: metrics})
     return Message(content=content, metadata=metadata(src_node_id))
 

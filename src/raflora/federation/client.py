@@ -88,6 +88,41 @@ def merge_into_base(base: nn.Module, merged: dict[str, Factors]) -> None:
             weight += (delta.T if isinstance(layer, Conv1D) else delta).to(weight)
 
 
+class MissingMergedRounds(ValueError):
+    """The server expects the base to contain merged rounds this client never received."""
+
+
+def merged_factors(
+    required: list[int],
+    held: dict[int, dict[str, Factors]],
+    sent: dict[int, dict[str, Factors]],
+    *,
+    refusal: str,
+) -> dict[str, Factors]:
+    """Everything merged into the base so far, per module, as one pair of stacked factors
+    ``[B_t1 … B_tj] [A_t1; …; A_tj]`` over the ``required`` rounds in order (Σ_t B_t A_t).
+
+    A round comes from ``held`` (merged before) or else ``sent`` (new in this message);
+    raises `MissingMergedRounds` (its message starts with ``refusal``, which the server
+    recognises) if a required round is in neither."""
+    missing = [t for t in required if t not in held and t not in sent]
+    if missing:
+        raise MissingMergedRounds(
+            f"{refusal} {missing}: this client's state lacks them (a restarted node "
+            "or a run resumed elsewhere); the server resends every round next time"
+        )
+    rounds = [held[t] if t in held else sent[t] for t in sorted(required)]
+    names = sorted({name for factors in rounds for name in factors})
+    out: dict[str, Factors] = {}
+    for name in names:
+        parts = [factors[name] for factors in rounds if name in factors]
+        out[name] = (
+            np.concatenate([B for B, _ in parts], axis=1),
+            np.concatenate([A for _, A in parts], axis=0),
+        )
+    return out
+
+
 def build_round_model(
     ctx: ClientContext,
     rank: int,

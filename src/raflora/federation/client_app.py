@@ -3,10 +3,18 @@
 Everything a client needs comes in the message (the run's config as JSON, its rank, the
 factors); from its node it reads only ``partition-id`` and, optionally, ``rank`` (deployment:
 ``flower-supernode --node-config "partition-id=0 num-partitions=8 rank=16"``).
+
+What it keeps across messages is the factors of every round merged into its base (merge mode,
+FedEx-LoRA's residual; ``federation.merged_wire = "rounds"``), one ArrayRecord per round in
+Flower's per-node ``context.state`` (kept by the simulation engine and by the SuperNode for the
+run), so the server sends each round's factors once. The message lists every round the base
+must contain; a client that lacks one refuses (`work.MissingMergedRounds`), and the server
+resends them all next time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,6 +40,40 @@ def _context(message: Message, context: Context) -> work.ClientContext:
     return work.client_context(config_json, partition_id, node_rank)
 
 
+Factors = work.Factors
+STATE_PREFIX = "raflora-merged"
+
+
+def _state_key(config_json: str, server_round: int) -> str:
+    """Where round t's merged factors live in ``context.state``: per run configuration, so a
+    node that serves another run (deployment) never mixes their bases."""
+    digest = hashlib.sha256(config_json.encode()).hexdigest()[:16]
+    return f"{STATE_PREFIX}-{digest}@{server_round}"
+
+
+def _merged_update(
+    message: Message, context: Context, payload: msg.Payload
+) -> tuple[dict[str, Factors], int | None]:
+    """What the base must have merged, per module: the whole D sent (``merged_wire =
+    "total"``), or the stacked factors of the rounds the config lists, read from this node's
+    state or the message (new rounds are stored). Also the last listed round (None: total)."""
+    config = message.content[msg.CONFIG]
+    if msg.MERGED_ROUNDS not in config:
+        return payload.merged, None
+    required = sorted(int(t) for t in config[msg.MERGED_ROUNDS])
+    config_json = str(config[msg.RUN_CONFIG])
+    held = {}
+    for t in required:
+        record = context.state.array_records.get(_state_key(config_json, t))
+        if record is not None:
+            held[t] = msg.unpack(record)[1]
+    merged = work.merged_factors(required, held, payload.rounds, refusal=msg.MISSING_ROUNDS)
+    for t in required:  # only after the check: a refusing client keeps its state as it was
+        if t not in held:
+            context.state[_state_key(config_json, t)] = msg.pack(merged=payload.rounds[t])
+    return merged, (required[-1] if required else 0)
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Report partition id, rank and local data size so the server can allocate."""
@@ -54,11 +96,14 @@ def train(message: Message, context: Context) -> Message:
     config = message.content[msg.CONFIG]
     server_round, rank = int(config[msg.SERVER_ROUND]), int(config[msg.RANK])
     maybe_fail(ctx.config, server_round, ctx.partition_id)
-    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
-    reply = work.train_round(ctx, server_round, rank, lora, merged, dense)
+    payload = msg.unpack_payload(message.content[msg.ARRAYS])
+    merged, through = _merged_update(message, context, payload)
+    reply = work.train_round(ctx, server_round, rank, payload.lora, merged, payload.dense)
     factors, new_dense, metrics = hostile_reply(
-        ctx.config, server_round, ctx.partition_id, reply, dense
+        ctx.config, server_round, ctx.partition_id, reply, payload.dense
     )
+    if through is not None:
+        metrics[msg.MERGED_THROUGH] = through
     content = RecordDict(
         {msg.ARRAYS: msg.pack(lora=factors, dense=new_dense), msg.METRICS: MetricRecord(metrics)}
     )
@@ -70,6 +115,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model at this client's rank on its local validation split."""
     ctx = _context(message, context)
     rank = int(message.content[msg.CONFIG][msg.RANK])
-    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
-    metrics = work.evaluate_round(ctx, rank, lora, merged, dense)
+    payload = msg.unpack_payload(message.content[msg.ARRAYS])
+    merged, _ = _merged_update(message, context, payload)
+    metrics = work.evaluate_round(ctx, rank, payload.lora, merged, payload.dense)
     return Message(RecordDict({msg.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -5,8 +5,11 @@ Arrays travel in one `ArrayRecord` per message, keyed by
 - ``"<module>.lora_B"`` / ``"<module>.lora_A"``: LoRA factors with the scaling folded in,
   ``B (m, r)`` and ``A (r, n)`` (server → client: the client's start; client → server: its
   trained factors);
-- ``"<module>.merged_B"`` / ``"<module>.merged_A"``: the update merged into the base weights
-  (merge mode, server → client);
+- ``"<module>.merged_B"`` / ``"<module>.merged_A"``: the whole update merged into the base
+  weights, ``D`` (server → client, ``federation.merged_wire = "total"``);
+- ``"<module>.merged_B@<t>"`` / ``"<module>.merged_A@<t>"``: the factors round t merged into
+  the base (server → client, ``merged_wire = "rounds"``: the rounds the client has not
+  confirmed; the config's ``merged-rounds`` lists every round its base must contain);
 - ``"dense.<name>"``: non-LoRA trainables such as a classifier head.
 
 Scalars travel in a `ConfigRecord` (server → client) and a `MetricRecord` (client → server),
@@ -14,6 +17,9 @@ with the kebab-case keys below.
 """
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -30,6 +36,7 @@ SERVER_ROUND = "server-round"
 RANK = "rank"
 RUN_CONFIG = "raflora-config"  # the resolved Config as JSON: clients need nothing else
 SEED = "seed"
+MERGED_ROUNDS = "merged-rounds"  # list[int]: every round whose factors the base must contain
 
 # MetricRecord keys (client → server)
 NUM_EXAMPLES = "num-examples"
@@ -37,18 +44,25 @@ PARTITION_ID = "partition-id"
 TRAIN_LOSS = "train-loss"
 SECONDS = "seconds"
 TRAIN_SECONDS = "train-seconds"
+MERGED_THROUGH = "merged-through"  # the last round of merged-rounds the client's base contains
+
+# how a client that lacks an earlier merged round refuses (the server then resends them all)
+MISSING_ROUNDS = "missing merged rounds"
 
 LORA_B, LORA_A = ".lora_B", ".lora_A"
 MERGED_B, MERGED_A = ".merged_B", ".merged_A"
 DENSE = "dense."
+_ROUND_KEY = re.compile(r"^(?P<name>.+)\.merged_(?P<part>[AB])@(?P<round>[1-9][0-9]*)$")
 
 
 def pack(
     lora: dict[str, Factors] | None = None,
     merged: dict[str, Factors] | None = None,
     dense: dict[str, np.ndarray] | None = None,
+    rounds: dict[int, dict[str, Factors]] | None = None,
 ) -> ArrayRecord:
-    """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous)."""
+    """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous); ``rounds``
+    maps a round t ≥ 1 to the factors it merged, per module."""
     arrays: dict[str, Array] = {}
 
     def put(key: str, value: np.ndarray) -> None:
@@ -58,6 +72,12 @@ def pack(
         for name, (B, A) in (group or {}).items():
             put(name + suffix_b, B)
             put(name + suffix_a, A)
+    for t, factors in sorted((rounds or {}).items()):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"merged round {t!r} must be an integer ≥ 1")
+        for name, (B, A) in factors.items():
+            put(f"{name}{MERGED_B}@{t}", B)
+            put(f"{name}{MERGED_A}@{t}", A)
     for name, value in (dense or {}).items():
         put(DENSE + name, value)
     return ArrayRecord(arrays)
@@ -67,11 +87,43 @@ class MessageFormatError(ValueError):
     """An ArrayRecord whose keys do not follow the schema above."""
 
 
+@dataclass(frozen=True)
+class Payload:
+    """Everything one ArrayRecord holds (see the module docstring)."""
+
+    lora: dict[str, Factors] = field(default_factory=dict)
+    merged: dict[str, Factors] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    rounds: dict[int, dict[str, Factors]] = field(default_factory=dict)
+
+
 def unpack(
     record: ArrayRecord,
 ) -> tuple[dict[str, Factors], dict[str, Factors], dict[str, np.ndarray]]:
-    """Inverse of `pack`: ``(lora, merged, dense)``; unpaired or unknown keys are errors."""
+    """Inverse of `pack` without rounds: ``(lora, merged, dense)``; unpaired or unknown keys,
+    and per-round merged factors, are errors (`unpack_payload` reads those)."""
+    payload = unpack_payload(record)
+    if payload.rounds:
+        raise MessageFormatError(
+            f"unexpected per-round merged factors (rounds {sorted(payload.rounds)})"
+        )
+    return payload.lora, payload.merged, payload.dense
+
+
+def _pairs(halves: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, Factors]:
+    """``{name: (B, A)}`` from ``{name: {"B": …, "A": …}}``; a missing half is an error."""
+    pairs = {}
+    for name, parts in halves.items():
+        if set(parts) != {"A", "B"}:
+            raise MessageFormatError(f"module {name!r} has only {sorted(parts)} of its {what}")
+        pairs[name] = (parts["B"], parts["A"])
+    return pairs
+
+
+def unpack_payload(record: ArrayRecord) -> Payload:
+    """Inverse of `pack`; unpaired or unknown keys are errors."""
     halves: dict[str, dict[str, dict[str, np.ndarray]]] = {"lora": {}, "merged": {}}
+    by_round: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     dense: dict[str, np.ndarray] = {}
     for key in record:
         try:
@@ -81,6 +133,10 @@ def unpack(
             raise MessageFormatError(
                 f"array {key!r} is not a readable numpy array ({reason})"
             ) from None
+        if match := _ROUND_KEY.match(key):
+            halves_of = by_round.setdefault(int(match["round"]), {})
+            halves_of.setdefault(match["name"], {})[match["part"]] = value
+            continue
         # factor suffixes first: a module may itself be called "dense" (key "dense.lora_A"),
         # while dense trainables never end in a factor suffix (they exclude LoRA parameters)
         for group, (suffix_b, suffix_a) in (
@@ -95,14 +151,11 @@ def unpack(
             if not key.startswith(DENSE):
                 raise MessageFormatError(f"unexpected array key {key!r}")
             dense[key[len(DENSE) :]] = value
-    out = []
-    for group in ("lora", "merged"):
-        pairs = {}
-        for name, parts in halves[group].items():
-            if set(parts) != {"A", "B"}:
-                raise MessageFormatError(
-                    f"module {name!r} has only {sorted(parts)} of its {group} factors"
-                )
-            pairs[name] = (parts["B"], parts["A"])
-        out.append(pairs)
-    return out[0], out[1], dense
+    return Payload(
+        lora=_pairs(halves["lora"], "lora factors"),
+        merged=_pairs(halves["merged"], "merged factors"),
+        dense=dense,
+        rounds={
+            t: _pairs(by_round[t], f"round-{t} merged factors") for t in sorted(by_round)
+        },
+    )

@@ -11,6 +11,13 @@ differ in shape.
 The global state lives in the strategy; the ``arrays`` argument of the Flower hooks is not read
 (it is handed an empty record). Clients are known by partition id: Flower node ids change from
 run to run, partition ids do not, which keeps sampling and resumption reproducible.
+
+What a round merged into the base (merge mode; a method's residual) reaches a client as that
+round's factors, once (``federation.merged_wire = "rounds"``, FLoRA's and FedEx-LoRA's wire):
+the strategy remembers per partition the last merged round the client confirmed (its train
+reply's ``merged-through``) and sends only the later ones; a client that refuses for lack of
+an earlier round gets them all next time. A new server process (a resumed run: a new Flower
+run whose nodes start with an empty state) starts from nothing confirmed.
 """
 
 from __future__ import annotations
@@ -131,6 +138,8 @@ class HeteroRankStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}  # partition id → node
         self.sent: dict[int, StartPoint] = {}  # partition id → what its train message held
         self.current: RoundLog = RoundLog(round=state.round)
+        # partition id → the last merged round the client confirmed holding (absent: none)
+        self.confirmed: dict[int, int] = {}
         fed = config.federation
         self.method = get_method(fed.method)
         self.settings = RoundSettings.of(
@@ -166,14 +175,23 @@ class HeteroRankStrategy(Strategy):
         return self.state.ranks.get(partition_id, self.nodes[partition_id].rank)
 
     # ------------------------------------------------------------------ messages
+    @property
+    def _per_round(self) -> bool:
+        """Merged updates travel round by round (else: the whole merged sum every time)."""
+        return self.config.federation.merged_wire == "rounds"
+
     def _payload(self, partition_id: int, remember: bool = False) -> ArrayRecord:
         rank = self.rank_of(partition_id)
         allocation = self.method.allocation
         lora = self.state.client_payload(rank, self.config.federation.split, allocation)
-        merged = {name: update.factors() for name, update in self.state.merged.items()}
         if remember:  # a train message: its reply is measured from this start (validation.py)
             size = self.nodes[partition_id].num_examples
             self.sent[partition_id] = StartPoint(lora, dict(self.state.dense), size)
+        if self._per_round:  # the merged rounds this client has not confirmed
+            after = self.confirmed.get(partition_id, 0)
+            rounds = {t: f for t, f in self.state.merged_rounds.items() if t > after}
+            return msg.pack(lora=lora, dense=self.state.dense, rounds=rounds)
+        merged = {name: update.factors() for name, update in self.state.merged.items()}
         return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
 
     def _config(self, server_round: int, partition_id: int, base: ConfigRecord) -> ConfigRecord:
@@ -181,7 +199,17 @@ class HeteroRankStrategy(Strategy):
         record[msg.SERVER_ROUND] = server_round
         record[msg.RANK] = self.rank_of(partition_id)
         record[msg.RUN_CONFIG] = self.config_json
+        if self._per_round:
+            record[msg.MERGED_ROUNDS] = sorted(self.state.merged_rounds)
         return record
+
+    def _confirm(self, partition_id: int, metrics: dict) -> None:
+        """Note the last merged round a client's reply says its base holds (``merged-through``;
+        ignored unless an integer between 0 and the last round the server has merged)."""
+        through = metrics.get(msg.MERGED_THROUGH)
+        last = max(self.state.merged_rounds, default=0)
+        if isinstance(through, int) and not isinstance(through, bool) and 0 <= through <= last:
+            self.confirmed[partition_id] = through
 
     def _messages(
         self, server_round: int, config: ConfigRecord, kind: str, pids: list[int]
@@ -219,6 +247,8 @@ class HeteroRankStrategy(Strategy):
         if reply.has_error():
             reason = readable_error(reply.error.reason)
             log_.failed[pid] = f"client error {reply.error.code}: {reason}"
+            if msg.MISSING_ROUNDS in reply.error.reason:  # its state lost merged rounds
+                self.confirmed.pop(pid, None)
             return None
         try:
             record = reply.content.array_records.get(msg.ARRAYS)
@@ -239,6 +269,7 @@ class HeteroRankStrategy(Strategy):
         except (RejectedUpdate, msg.MessageFormatError) as error:
             log_.rejected[pid] = str(error)
             return None
+        self._confirm(pid, dict(metrics))
         log_.bytes_received += record.count_bytes()
         log_.clipped_modules += review.clipped_modules
         log_.examples[pid] = update.num_examples
@@ -281,13 +312,7 @@ class HeteroRankStrategy(Strategy):
                 self.config.federation.min_clients,
             )
             self.current.skipped = True
-            self.state = GlobalState(
-                server_round,
-                self.state.adapter,
-                self.state.merged,
-                self.state.dense,
-                self.state.ranks,
-            )
+            self.state = replace(self.state, round=server_round)
             return None, None
         fed = self.config.federation
         with torch_threads(fed.server_threads), computing_on(task.server_device(self.config)):

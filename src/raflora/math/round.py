@@ -25,6 +25,11 @@ Two ways to apply the aggregate of a round (DESIGN.md):
 - merge mode (FLoRA): the aggregate is added to the accumulated update merged into the base
   weights, ``D_t = D_{t-1} + ΔW_t``; clients start each round from a fresh LoRA.
 
+A method with a ``residual`` (FedEx-LoRA) does both: its aggregate is the adapter and the
+residual is merged, ``D_t = D_{t-1} + residual_t``; the global model is ``W + D_t + B A``.
+Whatever a round merges is also kept as that round's own factors (``GlobalState.
+merged_rounds``): what a client that has merged the earlier rounds needs to catch up.
+
 Carry-over (adapter mode): when the largest sampled rank ``r_s`` is below the largest rank in
 the federation ``r_cap``, directions ``(r_s, r_cap]`` of the previous global update are trained
 by nobody this round. With carry-over they are kept unchanged, ``ΔW_t = agg_t + U_{(r_s,r_cap]}
@@ -49,7 +54,7 @@ from raflora.math.diagnostics import (
     stable_rank,
     top_energy,
 )
-from raflora.math.lowrank import leading_svd, significant_svd, significant_values
+from raflora.math.lowrank import factored_norm, leading_svd, significant_svd, significant_values
 from raflora.math.methods import Method
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
@@ -220,6 +225,9 @@ class GlobalState:
     merged: dict[str, SVDUpdate]  # update merged into the base weights (merge mode)
     dense: dict[str, np.ndarray]  # non-LoRA trainables (classifier head), FedAvg'ed
     ranks: dict[int, int]  # partition-id → rank the client trains next (HetLoRA may prune)
+    # round t → module → the factors (B_t (m, R_t), A_t (R_t, n)) that round merged into the
+    # base; Σ_t B_t A_t = ``merged`` (rounds that merged nothing are absent)
+    merged_rounds: dict[int, dict[str, Factors]] = field(default_factory=dict)
 
     def client_payload(self, rank: int, split: str, allocation: str = "svd") -> dict[str, Factors]:
         """The factors a client of rank `rank` starts from (adapter mode; empty otherwise):
@@ -230,8 +238,19 @@ class GlobalState:
         return {name: update.factors(rank, split) for name, update in self.adapter.items()}
 
     def total_update(self) -> dict[str, Update]:
-        """The update that defines the global model: adapter, or the merged sum."""
-        return self.adapter if self.adapter else self.merged
+        """The update that defines the global model: the adapter, the merged sum, or (a method
+        with a residual) the thin SVD of both, ``D + B A``."""
+        if not (self.adapter and self.merged):
+            return self.adapter if self.adapter else self.merged
+        return {name: _sum(self.merged.get(name), update) for name, update in self.adapter.items()}
+
+
+def _sum(merged: SVDUpdate | None, adapter: Update) -> Update:
+    """``D + B A`` of one module as a thin SVD (the adapter alone if nothing was merged)."""
+    if merged is None or merged.rank == 0:
+        return adapter
+    B, A = stack(merged.whole(), adapter.whole())
+    return compress(B, A, dtype=B.dtype.type)
 
 
 def _leading_columns(update: Update, rank: int) -> Factors:
@@ -342,10 +361,37 @@ class RoundSettings:
 
 def aggregate_module(settings: RoundSettings, factors: list[Factors], weights: list[float]):
     """The method's global factors (B (m, R), A (R, n)) of one module, as numpy arrays."""
+    return aggregate_with_residual(settings, factors, weights)[0]
+
+
+def aggregate_with_residual(
+    settings: RoundSettings, factors: list[Factors], weights: list[float]
+) -> tuple[Factors, Factors | None]:
+    """The method's global factors of one module and its residual (B' (m, R'), A' (R', n)) to
+    merge into the base, or None for a method without one; numpy arrays."""
     clients, backend = validate_factors(factors, weights)
-    settings.method.check_ranks(settings.options, clients.ranks)
-    B, A = settings.method.aggregate(clients, settings.options)
-    return backend.out(B), backend.out(A)
+    method = settings.method
+    method.check_ranks(settings.options, clients.ranks)
+    B, A = method.aggregate(clients, settings.options)
+    agg = backend.out(B), backend.out(A)
+    if method.residual is None:
+        return agg, None
+    Br, Ar = method.residual(clients, settings.options, (B, A))
+    return agg, (backend.out(Br), backend.out(Ar))
+
+
+def _merge(previous: SVDUpdate | None, delta: Factors, dtype: type) -> SVDUpdate:
+    """``D_t = D_{t-1} + B_t A_t`` as a thin SVD (``D_1 = B_1 A_1``)."""
+    if previous is None:
+        return compress(*delta, dtype=dtype)
+    return compress(*stack(previous.factors(), delta), dtype=dtype)
+
+
+def _residual_share(residual: Factors, agg: Factors) -> float:
+    """‖residual‖_F / ‖residual + B A‖_F: the share of the clients' mean update that the
+    averaged factors miss (0 when they are exact)."""
+    total = factored_norm(*stack(residual, agg))
+    return factored_norm(*residual) / total if total > 0 else 0.0
 
 
 def _carried(previous: Update, sampled_max: int, settings: RoundSettings) -> tuple[Factors, float]:
@@ -376,21 +422,28 @@ def aggregate_round(
     modules = sorted(updates[0].factors)
     new_adapter: dict[str, Update] = {}
     new_merged: dict[str, SVDUpdate] = dict(state.merged)
+    merged_now: dict[str, Factors] = {}  # what this round merges, per module
     per_module: dict[str, dict] = {}
     carried_energy = []
     for name in modules:
         factors = [on_device(*u.factors[name]) for u in updates]  # no-op on the CPU
-        agg = on_host(*aggregate_module(settings, factors, weights))
+        agg, residual = aggregate_with_residual(settings, factors, weights)
+        agg = on_host(*agg)
+        residual = None if residual is None else on_host(*residual)
         if settings.apply == "merge":
+            delta = stack(agg, residual) if residual is not None else agg
+            merged_now[name] = _as(delta, settings.dtype)
             previous = state.merged.get(name)
-            if previous is None:  # D_1 = ΔW_1: one decomposition serves both
-                new_merged[name] = compress(*agg, dtype=settings.dtype)
-                values = new_merged[name].S
-            else:  # the round's own spectrum, then D_t = D_{t-1} + ΔW_t
+            new_merged[name] = _merge(previous, merged_now[name], settings.dtype)
+            # the round's own spectrum (D_1 = ΔW_1: one decomposition serves both)
+            values = new_merged[name].S if previous is None and residual is None else None
+            if values is None:
                 values = compressed_values(*agg, dtype=settings.dtype)
-                new_merged[name] = compress(*stack(previous.factors(), agg), dtype=settings.dtype)
             per_module[name] = module_diagnostics(values, settings.bounds)
             continue
+        if residual is not None:  # kept as the adapter; its residual goes into the base
+            merged_now[name] = _as(residual, settings.dtype)
+            new_merged[name] = _merge(state.merged.get(name), merged_now[name], settings.dtype)
         previous = state.adapter.get(name)
         parts, carried = [agg], 0.0
         if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
@@ -402,6 +455,8 @@ def aggregate_round(
         round_update = decompose(*stack(*parts), top=settings.max_rank, dtype=settings.dtype)
         new_adapter[name] = round_update
         per_module[name] = module_diagnostics(round_update.S, settings.bounds)
+        if residual is not None:
+            per_module[name]["residual_share"] = _residual_share(residual, agg)
         if previous is not None and previous.rank:
             per_module[name]["retention"] = retention(previous, agg, settings.max_rank)
         total = float(np.sum(round_update.S.astype(np.float64) ** 2))
@@ -409,8 +464,6 @@ def aggregate_round(
     diagnostics = summarize_modules(per_module)
     diagnostics["carried_energy_share"] = float(np.mean(carried_energy)) if carried_energy else 0.0
     diagnostics["predicted_retention"] = predicted_retention(ranks, weights)
-    total = new_adapter or new_merged  # merge mode: the rank of D_t merged into the base
-    diagnostics["global_rank"] = int(max(u.rank for u in total.values())) if total else 0
     diagnostics["per_module"] = per_module
     new_state = GlobalState(
         round=state.round + 1,
@@ -418,5 +471,14 @@ def aggregate_round(
         merged=new_merged,
         dense=weighted_dense_average(updates) or state.dense,
         ranks=dict(state.ranks) | {u.partition_id: u.rank for u in updates},
+        merged_rounds=state.merged_rounds | ({state.round + 1: merged_now} if merged_now else {}),
     )
+    # the rank of the global update: the adapter's, D_t's (merge mode) or D_t + B A's (residual)
+    total = new_state.total_update()
+    diagnostics["global_rank"] = int(max(u.rank for u in total.values())) if total else 0
     return new_state, diagnostics
+
+
+def _as(factors: Factors, dtype: type) -> Factors:
+    """Both factors as C-contiguous arrays of ``dtype``."""
+    return tuple(np.ascontiguousarray(x, dtype=dtype) for x in factors)  # type: ignore[return-value]

@@ -5,6 +5,7 @@ Adding a method is one module that builds a :class:`~.registry.Method` and calls
 """
 
 from raflora.math.methods import (  # noqa: F401  (each import registers its methods)
+    fedex,
     fedit,
     flexlora,
     flexlora_nm,

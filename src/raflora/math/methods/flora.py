@@ -6,6 +6,12 @@ Round t: clients train fresh LoRA modules of their ranks from the current base; 
 stacks them, ΔW_t = [p_1 B_1 … p_K B_K] [A_1; …; A_K] (exact: Σ p_k B_k A_k, R = Σ r_k),
 and sends the stacked factors to the clients, which merge them into their base weights,
 W ← W + ΔW_t, and re-initialise their LoRA modules.
+
+On the wire (``federation.merged_wire = "rounds"``, the default) each sampled client gets the
+stacked factors of every round it has not merged yet, Σ_k r_k (m + n) floats per module and
+round (the round's own clients' ranks); with full participation that is the previous round's
+stack only. ``"total"`` sends the whole merged sum D_{t-1} as a thin SVD instead (stateless
+clients, more bytes once D's rank exceeds a round's stack).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ register(
         aggregate=flora,
         apply="merge",
         columns=client_columns,
-        wire="down K Σ_k r_k (m + n) (the round's stack to each client), up Σ_k r_k (m + n)",
+        wire="down K Σ_k r_k (m + n) (the previous round's stack to each client; a client "
+        "that missed rounds gets each one's stack), up Σ_k r_k (m + n)",
     )
 )

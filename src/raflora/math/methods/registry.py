@@ -10,6 +10,10 @@ asks for it by name (PEFT's ``register_peft_method`` pattern):
   (FedIT, zero-padding, HetLoRA, RB-LoRA);
 - ``apply``: ``"adapter"`` (the aggregate is the new global LoRA) or ``"merge"`` (folded into
   the base weights each round, clients restart from a fresh LoRA: FLoRA);
+- ``residual(clients, options, aggregate) -> (B, A)``: what the kept aggregate misses of the
+  clients' mean update, as factors folded into the base weights every round while the
+  aggregate stays the adapter (FedEx-LoRA: ``Σ p_k B_k A_k − B̄ Ā``); None: nothing is folded
+  (in merge mode the aggregate itself is);
 - ``carry_over``: default for keeping the directions (r_sampled, r_max] that no sampled client
   trained (partial participation);
 - ``equal_ranks``: all clients must share one rank; ``ranks_may_shrink``: a client may reply at
@@ -40,6 +44,8 @@ Factors = tuple[Any, Any]  # (B (m, r), A (r, n)), numpy or torch
 AggregateFn = Callable[[Clients, Any], tuple[Tensor, Tensor]]
 ColumnsFn = Callable[[Clients, Any], "list[list[float]] | None"]
 PenaltyFn = Callable[[Tensor, Tensor], Tensor]  # per-module term of the local loss
+# (clients, options, the aggregate (B (m, R), A (R, n))) → residual factors (B' (m, R'), A' (R', n))
+ResidualFn = Callable[[Clients, Any, tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]
 
 
 def _no_check(options: Any, ranks: Sequence[int]) -> None:
@@ -64,6 +70,7 @@ class Method:
     aggregate: AggregateFn
     allocation: Literal["svd", "slice"] = "svd"
     apply: Literal["adapter", "merge"] = "adapter"
+    residual: ResidualFn | None = None
     carry_over: bool = False
     equal_ranks: bool = False
     ranks_may_shrink: bool = False
