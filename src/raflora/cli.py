@@ -332,6 +332,8 @@ def _receives(method: Any) -> str:
         return "the merged update (folded into its base) and a fresh LoRA"
     if method.allocation == "svd":
         return "the best rank-r truncation of the kept update (SVD)"
+    if method.frozen_a:
+        return "the leading r columns of the averaged B, with A frozen at the shared A_0[:r]"
     return "the leading r columns of the kept averaged factors"
 
 

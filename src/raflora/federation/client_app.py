@@ -54,11 +54,11 @@ def train(message: Message, context: Context) -> Message:
     config = message.content[msg.CONFIG]
     server_round, rank = int(config[msg.SERVER_ROUND]), int(config[msg.RANK])
     maybe_fail(ctx.config, server_round, ctx.partition_id)
-    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
+    rows = work.shared_rows(ctx)  # frozen-A methods: B travels alone, both ways
+    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS], frozen_a=rows)
     factors, new_dense, metrics = work.train_round(ctx, server_round, rank, lora, merged, dense)
-    content = RecordDict(
-        {msg.ARRAYS: msg.pack(lora=factors, dense=new_dense), msg.METRICS: MetricRecord(metrics)}
-    )
+    arrays = msg.pack(lora=factors, dense=new_dense, frozen_a=rows is not None)
+    content = RecordDict({msg.ARRAYS: arrays, msg.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
@@ -67,6 +67,6 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model at this client's rank on its local validation split."""
     ctx = _context(message, context)
     rank = int(message.content[msg.CONFIG][msg.RANK])
-    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
+    lora, merged, dense = msg.unpack(message.content[msg.ARRAYS], frozen_a=work.shared_rows(ctx))
     metrics = work.evaluate_round(ctx, rank, lora, merged, dense)
     return Message(RecordDict({msg.METRICS: MetricRecord(metrics)}), reply_to=message)

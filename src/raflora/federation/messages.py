@@ -9,16 +9,23 @@ Arrays travel in one `ArrayRecord` per message, keyed by
   (merge mode, server → client);
 - ``"dense.<name>"``: non-LoRA trainables such as a classifier head.
 
+A frozen-A method (FFA-LoRA, ``Method.frozen_a``) sends ``"<module>.lora_B"`` alone, both ways:
+each side rebuilds the shared A from the run seed (``pack(..., frozen_a=True)``, and
+``unpack(record, frozen_a=rows)`` with ``rows(module, r) -> A (r, n)``).
+
 Scalars travel in a `ConfigRecord` (server → client) and a `MetricRecord` (client → server),
 with the kebab-case keys below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 Factors = tuple[np.ndarray, np.ndarray]
+SharedRows = Callable[[str, int], np.ndarray]  # (module, r) → the shared frozen A (r, n)
 
 # RecordDict keys
 ARRAYS = "arrays"
@@ -47,17 +54,22 @@ def pack(
     lora: dict[str, Factors] | None = None,
     merged: dict[str, Factors] | None = None,
     dense: dict[str, np.ndarray] | None = None,
+    *,
+    frozen_a: bool = False,
 ) -> ArrayRecord:
-    """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous)."""
+    """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous); with
+    ``frozen_a`` only the B of each ``lora`` pair (the receiver knows A)."""
     arrays: dict[str, Array] = {}
 
     def put(key: str, value: np.ndarray) -> None:
         arrays[key] = Array(np.ascontiguousarray(value, dtype=np.float32))
 
-    for suffix_b, suffix_a, group in ((LORA_B, LORA_A, lora), (MERGED_B, MERGED_A, merged)):
+    groups = ((LORA_B, LORA_A, lora, frozen_a), (MERGED_B, MERGED_A, merged, False))
+    for suffix_b, suffix_a, group, b_only in groups:
         for name, (B, A) in (group or {}).items():
             put(name + suffix_b, B)
-            put(name + suffix_a, A)
+            if not b_only:
+                put(name + suffix_a, A)
     for name, value in (dense or {}).items():
         put(DENSE + name, value)
     return ArrayRecord(arrays)
@@ -67,10 +79,26 @@ class MessageFormatError(ValueError):
     """An ArrayRecord whose keys do not follow the schema above."""
 
 
+def _with_shared_a(name: str, parts: dict[str, np.ndarray], rows: SharedRows) -> Factors:
+    """A frozen-A method's B-only pair completed with the shared A of B's rank."""
+    if set(parts) != {"B"}:
+        raise MessageFormatError(f"module {name!r}: a frozen-A method sends lora_B alone")
+    B = parts["B"]
+    if B.ndim != 2:
+        raise MessageFormatError(f"module {name!r}: lora_B has shape {B.shape}, expected (m, r)")
+    try:
+        return B, np.asarray(rows(name, int(B.shape[1])), np.float32)
+    except (KeyError, ValueError) as error:
+        raise MessageFormatError(f"module {name!r}: no shared A for it ({error})") from None
+
+
 def unpack(
-    record: ArrayRecord,
+    record: ArrayRecord, frozen_a: SharedRows | None = None
 ) -> tuple[dict[str, Factors], dict[str, Factors], dict[str, np.ndarray]]:
-    """Inverse of `pack`: ``(lora, merged, dense)``; unpaired or unknown keys are errors."""
+    """Inverse of `pack`: ``(lora, merged, dense)``; unpaired or unknown keys are errors.
+
+    With ``frozen_a`` the lora group must carry B alone, completed here with
+    ``frozen_a(module, r)`` (the shared A of B's rank r)."""
     halves: dict[str, dict[str, dict[str, np.ndarray]]] = {"lora": {}, "merged": {}}
     dense: dict[str, np.ndarray] = {}
     for key in record:
@@ -99,6 +127,9 @@ def unpack(
     for group in ("lora", "merged"):
         pairs = {}
         for name, parts in halves[group].items():
+            if group == "lora" and frozen_a is not None:
+                pairs[name] = _with_shared_a(name, parts, frozen_a)
+                continue
             if set(parts) != {"A", "B"}:
                 raise MessageFormatError(
                     f"module {name!r} has only {sorted(parts)} of its {group} factors"

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from raflora.config import Config
 from raflora.federation import messages as msg
+from raflora.federation import task
 from raflora.federation.validation import Expectation, RejectedUpdate, check_update
 from raflora.math.methods import get_method
 from raflora.math.round import (
@@ -121,6 +122,7 @@ class HeteroRankStrategy(Strategy):
         self.settings = RoundSettings.of(
             self.method, dict(fed.options), apply=fed.apply, carry_over=fed.carry_over
         )
+        self._frozen_rows: msg.SharedRows | None = None  # frozen-A methods: see _shared_rows
 
     # ------------------------------------------------------------------ nodes and sampling
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
@@ -139,6 +141,7 @@ class HeteroRankStrategy(Strategy):
         ranks = {node.rank for node in nodes}
         self.method.check_ranks(self.settings.options, sorted(ranks))
         self.settings = replace(self.settings, bounds=tuple(sorted(ranks)))
+        self._frozen_rows = None  # drawn again for the new largest rank
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded sample of partition ids: ``max(1, round(fraction · K))`` of them."""
@@ -156,7 +159,21 @@ class HeteroRankStrategy(Strategy):
         allocation = self.method.allocation
         lora = self.state.client_payload(rank, self.config.federation.split, allocation)
         merged = {name: update.factors() for name, update in self.state.merged.items()}
-        return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
+        return msg.pack(
+            lora=lora, merged=merged, dense=self.state.dense, frozen_a=self.method.frozen_a
+        )
+
+    def _shared_rows(self) -> msg.SharedRows | None:
+        """A frozen-A method's shared A (module, r) → A_0[:r], rebuilt from the run seed for
+        the clients' B-only replies (None for every other method)."""
+        if not self.method.frozen_a:
+            return None
+        if self._frozen_rows is None:
+            modules = self.expectation.modules
+            self._frozen_rows = task.shared_a_rows(
+                self.config, lambda name: modules[name][1], self.settings.max_rank
+            )
+        return self._frozen_rows
 
     def _config(self, server_round: int, partition_id: int, base: ConfigRecord) -> ConfigRecord:
         record = ConfigRecord(dict(base))  # copy: never write into the caller's record
@@ -206,7 +223,7 @@ class HeteroRankStrategy(Strategy):
             metrics = reply.content.metric_records.get(msg.METRICS)
             if record is None or metrics is None:
                 raise RejectedUpdate("reply lacks its arrays or metrics record")
-            lora, _, dense = msg.unpack(record)
+            lora, _, dense = msg.unpack(record, frozen_a=self._shared_rows())
             update, clipped = check_update(
                 pid,
                 lora,
