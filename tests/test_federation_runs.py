@@ -24,7 +24,7 @@ from raflora.federation import task
 from raflora.federation.checkpoint import load_checkpoint
 from raflora.federation.export import export_run
 from raflora.federation.finish import finish_run
-from raflora.math import available_methods
+from raflora.math import available_methods, get_method
 from raflora.training import evaluate, load_base_model, take
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -104,10 +104,12 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
         assert record["bytes_received"] > 0 and record["bytes_sent"] > 0
         assert 0 < record["top_rmin_energy"] <= 1 + 1e-9
     merge = config.federation.apply_mode == "merge"
+    # a frozen-A method (FFA-LoRA) sends B alone; A is the shared one, rebuilt from the seed
+    rows = task.shared_a_rows(config, lambda name: 32, 8) if get_method(method).frozen_a else None
     for message in train_messages(grid, 2):  # round 2: every client starts from the global model
         pid = pid_of(grid, message)
         assert message.content[msg.CONFIG][msg.RANK] == ranks[pid]
-        lora, merged, dense = msg.unpack(message.content[msg.ARRAYS])
+        lora, merged, dense = msg.unpack(message.content[msg.ARRAYS], frozen_a=rows)
         assert set(dense) == {"classifier.weight", "classifier.bias"}
         if merge:
             assert lora == {} and merged and all(B.shape[1] > 0 for B, _ in merged.values())
