@@ -5,7 +5,8 @@ compact space, keep the directions holding a share τ of the energy, merge, rest
 
 Round t: clients train fresh LoRA modules of their own ranks r_k on the current base. The
 server stacks them exactly (as FLoRA), B_s = [B_1 … B_K] (m, R), A_s = [p_1 A_1; …; p_K A_K]
-(R, n), R = Σ r_k, so that B_s A_s = Σ_k p_k B_k A_k, and decomposes the product without
+(R, n), R = Σ r_k, so that B_s A_s = Σ_k p_k B_k A_k (here the weights sit on B's columns:
+the same product, the same SVD), and decomposes the product without
 forming it: the two stacks are factored separately and only the R×R core between them is
 decomposed (here: B_s = Q_B R_B, A_sᵀ = Q_A R_A, R_B R_Aᵀ = U_c Σ V_cᵀ, the same singular
 triplets as the paper's separate SVDs of the stacks), giving B_s A_s = U Σ Vᵀ. Singular value
@@ -17,9 +18,9 @@ thresholding keeps the smallest p whose energy share reaches τ,
 Clients merge it into their base, W ← W + B_g A_g, and start the next round from a fresh LoRA
 (the public code merges the global adapters and re-initialises LoRA each round): apply "merge".
 
-Why this 2025 method: it claims better accuracy–communication trade-offs than FedIT, FLoRA,
-FlexLoRA and HetLoRA in heterogeneous-rank settings, and its server step is stated completely
-(stacking, compact SVD, one energy threshold τ) and matches its public code.
+Why this 2025 method: it claims better accuracy–communication trade-offs than FedIT, FLoRA
+and FlexLoRA with heterogeneous ranks, and its server step is stated completely (stacking,
+compact SVD, one energy threshold τ) and matches its public code.
 
 Bytes per round and module: p_t (m + n) floats down per client (the round's global adapters),
 Σ_k r_k (m + n) up. Option ``threshold`` = τ ∈ (0, 1] (public code's default 0.9); τ = 1
