@@ -257,6 +257,14 @@ def test_ffa_lora_federated_run_sends_b_only_and_keeps_the_shared_a(ffa_run) -> 
             np.testing.assert_array_equal(A, task.shared_a(config, name, rank, 32))
         with pytest.raises(msg.MessageFormatError, match="lora_B alone"):
             msg.unpack(msg.pack(lora=lora), frozen_a=rows)  # a pair where B alone is due
+    # a B beyond the largest rank, or of a module nobody has, gets no shared A
+    too_wide = {modules[0]: (np.zeros((32, 9), np.float32), None)}
+    with pytest.raises(msg.MessageFormatError, match=r"outside 1\.\.8"):
+        msg.unpack(msg.pack(lora=too_wide, frozen_a=True), frozen_a=rows)
+    strict = task.shared_a_rows(config, lambda name: {modules[0]: 32}[name], 8)
+    unknown = {"no.such.module": (np.zeros((32, 2), np.float32), None)}
+    with pytest.raises(msg.MessageFormatError, match="no shared A"):
+        msg.unpack(msg.pack(lora=unknown, frozen_a=True), frozen_a=strict)
 
 
 @pytest.mark.usefixtures("single_torch_thread")
