@@ -304,3 +304,22 @@ def test_frozen_a_helpers(tiny_bert_dir: Path) -> None:
     assert any("lora_B" in n for n in trainable)
     set_lora_A_trainable(model, True)
     assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@pytest.mark.parametrize("method", ["ffa_lora", "florist"])
+def test_partial_participation_runs(method: str, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Two of three clients a round: a rank-8 client may get fewer columns than its rank (it
+    pads B with zeros over its shared A) and nothing is rejected."""
+    config = tiny_config(
+        tiny_bert_dir, f"federation.method={method}", "federation.fraction_train=0.67", "run.seed=3"
+    )
+    history = run_in_process(config, tmp_path, finish=False)["history"]
+    for record in history[1:]:
+        assert (record["sampled"], record["ok"], record["rejected"], record["failed"]) == (
+            2,
+            2,
+            0,
+            0,
+        )
+        assert not record["skipped"] and record["bytes_received"] > 0
