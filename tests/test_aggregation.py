@@ -295,7 +295,8 @@ def test_partition_bounds_and_weights():
 
 
 def test_registry_contents_and_unknown_method():
-    expected = ["fedit", "fedex", "flexlora_nm", *METHODS, *SVD_VARIANTS]
+    new = ["ffa_lora", "florist"]  # tested in test_new_methods.py
+    expected = ["fedit", "fedex", "flexlora_nm", *METHODS, *SVD_VARIANTS, *new]
     assert available_methods() == sorted(expected)
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*raflora"):
         aggregate("nope", make_factors([1]), [1])

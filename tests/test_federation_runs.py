@@ -106,19 +106,24 @@ def test_every_method_runs_two_rounds_with_heterogeneous_ranks(runs, method: str
     merge = config.federation.apply_mode == "merge"
     residual = get_method(method).residual is not None  # FedEx-LoRA: adapter + merged residual
     # what round 1 merged into the base, per module: FLoRA's stack Σ r_k, FedEx's residual
-    # [p_k B_k …, −B̄] of rank Σ r_k + r_max
+    # [p_k B_k …, −B̄] of rank Σ r_k + r_max (FLoRIST: the thresholded stack, fewer)
     merged_rank = sum(ranks.values()) + (max(ranks.values()) if residual else 0)
+    # a frozen-A method (FFA-LoRA) sends B alone; A is the shared one, rebuilt from the seed
+    rows = task.shared_a_rows(config, lambda name: 32, 8) if get_method(method).frozen_a else None
     for message in train_messages(grid, 2):  # round 2: every client starts from the global model
         pid = pid_of(grid, message)
         config_record = message.content[msg.CONFIG]
         assert config_record[msg.RANK] == ranks[pid]
-        payload = msg.unpack_payload(message.content[msg.ARRAYS])
+        payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=rows)
         assert set(payload.dense) == {"classifier.weight", "classifier.bias"}
         assert payload.merged == {}  # the whole merged sum travels only with merged_wire=total
         if merge or residual:  # round 1's merged factors, once
             assert config_record[msg.MERGED_ROUNDS] == [1] and list(payload.rounds) == [1]
             assert len(payload.rounds[1]) == 4
-            assert all(B.shape == (32, merged_rank) for B, _ in payload.rounds[1].values())
+            assert all(
+                B.shape[0] == 32 and 0 < B.shape[1] <= merged_rank
+                for B, _ in payload.rounds[1].values()
+            )
         else:
             assert config_record[msg.MERGED_ROUNDS] == [] and payload.rounds == {}
         if merge:

@@ -398,6 +398,8 @@ def _receives(method: Any) -> str:
     folded = " + each round's residual (folded into its base)" if method.residual else ""
     if method.allocation == "svd":
         return "the best rank-r truncation of the kept update (SVD)" + folded
+    if method.frozen_a:
+        return "the leading r columns of the averaged B, with A frozen at the shared A_0[:r]"
     return "the leading r columns of the kept averaged factors" + folded
 
 

@@ -16,7 +16,9 @@ residual into it (FedEx-LoRA: clients train on W_base + D) and whether it carrie
 directions no sampled client holds (``carry_over``: None = the method's default, on for raflora
 only). Round 1 starts from LoRA's init (B = 0, A random). Every method gets the
 same targets, client sampling, initial factors and local steps. Client-side hooks (HetLoRA's
-regulariser and self-pruning) are not modelled here: the task compares the server protocols.
+regulariser and self-pruning) are not modelled here: the task compares the server protocols;
+a frozen-A method (FFA-LoRA, ``Method.frozen_a``) trains B only, with every client's A the
+first r_k rows of one shared draw of LoRA's init.
 
 The mechanism: with rank-agnostic averaging, direction i of the global update comes back only
 from the clients allocated it (r_k ≥ i), so each round keeps a share c_i = Σ_{r_k ≥ i} p_k of
@@ -188,15 +190,30 @@ def lora_init(config: SyntheticConfig, rank: int, round_: int, client: int) -> F
     return torch.zeros(config.m, rank, dtype=torch.float64), torch.from_numpy(A)
 
 
+def frozen_a(config: SyntheticConfig, rank: int) -> Tensor:
+    """The shared frozen A_0[:rank] (rank, n) of a frozen-A method (FFA-LoRA): one draw of
+    LoRA's init for the largest rank, the same for every client and round."""
+    rng = _rng(config.seed, 4)
+    A = rng.standard_normal((max(config.ranks), config.n)) / np.sqrt(config.n)  # (r_max, n)
+    return torch.from_numpy(A[:rank].copy())
+
+
 def local_train(
-    B: Tensor, A: Tensor, base: Tensor | float, task: Task, k: int, config: SyntheticConfig
+    B: Tensor,
+    A: Tensor,
+    base: Tensor | float,
+    task: Task,
+    k: int,
+    config: SyntheticConfig,
+    train_a: bool = True,
 ) -> Factors:
-    """Gradient descent on ½‖(base + B A − W*) Σ_k^{1/2}‖²: ∇_B = R Aᵀ, ∇_A = Bᵀ R."""
+    """Gradient descent on ½‖(base + B A − W*) Σ_k^{1/2}‖²: ∇_B = R Aᵀ, ∇_A = Bᵀ R (A kept
+    fixed when ``train_a`` is false: frozen-A methods)."""
     Sigma = task.covariances[k]  # (n, n)
     offset = (base - task.target) @ Sigma  # (m, n)
     for _ in range(config.local_steps):
         R = offset + B @ (A @ Sigma)  # (m, n): (base + B A − W*) Σ_k
-        B, A = B - config.lr * R @ A.mT, A - config.lr * B.mT @ R
+        B, A = B - config.lr * R @ A.mT, (A - config.lr * B.mT @ R) if train_a else A
     return B, A
 
 
@@ -209,6 +226,14 @@ def _client_start(
     """Client k's start: the method's allocation of the kept update (LoRA init if absent),
     with LoRA-initialised extra directions where the update has fewer than r_k."""
     r = config.ranks[k]
+    if settings.method.frozen_a:  # the received B (zero beyond it) with the shared A_0[:r]
+        B = np.zeros((config.m, 0))
+        if state.adapter and settings.apply == "adapter":
+            B = state.client_payload(r, "us", settings.method.allocation)[MODULE][0]
+        B = torch.from_numpy(np.asarray(B, np.float64))
+        return torch.cat([B, torch.zeros(config.m, r - B.shape[1], dtype=B.dtype)], 1), frozen_a(
+            config, r
+        )
     if not state.adapter:
         return lora_init(config, r, round_, k)
     B, A = state.client_payload(r, "us", settings.method.allocation)[MODULE]
@@ -258,10 +283,11 @@ def run_method(config: SyntheticConfig, task: Task, method: str, tick=lambda: No
         clients = sample_clients(config, t)
         base = _product(state, merged=True)  # W_base + D: merge mode, FedEx's residuals
         updates = []
+        frozen = settings.method.frozen_a
         for k in clients:
-            start = lora_init(config, config.ranks[k], t, k) if merge else None
+            start = lora_init(config, config.ranks[k], t, k) if merge and not frozen else None
             B, A = start or _client_start(config, state, settings, k, t)
-            B, A = local_train(B, A, base, task, k, config)
+            B, A = local_train(B, A, base, task, k, config, train_a=not frozen)
             factors = {MODULE: (B.numpy(), A.numpy())}
             updates.append(ClientUpdate(k, config.ranks[k], config.client_sizes[k], factors))
         state, _ = aggregate_round(state, updates, settings)

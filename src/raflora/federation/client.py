@@ -27,8 +27,11 @@ from raflora.training import (
     evaluate,
     get_dense_trainables,
     get_factors,
+    in_features,
+    lora_shapes,
     set_dense_trainables,
     set_factors,
+    set_lora_A_trainable,
     train_local,
 )
 from raflora.training.device import keep_trainables_float32
@@ -210,6 +213,25 @@ def round_model(
     return reused_round_model(ctx, rank, lora, dense, seed)
 
 
+def method_start(config: Config, model: nn.Module, lora: dict[str, Factors]) -> None:
+    """The method's own start on the built round model: a frozen-A method (FFA-LoRA) sets
+    every module to the received B (zero beyond it) with the shared A_0[:r] and freezes A;
+    every other method trains A."""
+    method, _ = task.method_options(config)
+    if method.frozen_a:
+        set_factors(model, task.frozen_a_start(config, lora_shapes(model), lora), seed=0)
+    set_lora_A_trainable(model, not method.frozen_a)
+
+
+def shared_rows(ctx: ClientContext) -> Any:
+    """For `messages.unpack`: the shared frozen A of this client's modules (frozen-A methods;
+    None otherwise), up to the client's rank."""
+    method, _ = task.method_options(ctx.config)
+    if not method.frozen_a:
+        return None
+    return task.shared_a_rows(ctx.config, lambda name: in_features(ctx.base, name), ctx.rank)
+
+
 def _numpy(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Factors]:
     return {name: (B.numpy(), A.numpy()) for name, (B, A) in factors.items()}
 
@@ -233,6 +255,7 @@ def train_round(
     configure_threads(config.train.threads)
     seed = task.derived_seed(config.run.seed, "client", server_round, ctx.partition_id)
     model = round_model(ctx, rank, lora, merged, dense, seed)
+    method_start(config, model, lora)
     train = config.train
     result = train_local(
         model,
@@ -272,6 +295,7 @@ def evaluate_round(
         return {"num-examples": 0}
     configure_threads(ctx.config.train.threads)
     model = round_model(ctx, rank, lora, merged, dense, seed=ctx.config.run.seed)
+    method_start(ctx.config, model, lora)
     result = evaluate(
         model, ctx.data.val, batch_size=ctx.config.eval.batch_size, precision=ctx.precision
     )

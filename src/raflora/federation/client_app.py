@@ -96,7 +96,8 @@ def train(message: Message, context: Context) -> Message:
     config = message.content[msg.CONFIG]
     server_round, rank = int(config[msg.SERVER_ROUND]), int(config[msg.RANK])
     maybe_fail(ctx.config, server_round, ctx.partition_id)
-    payload = msg.unpack_payload(message.content[msg.ARRAYS])
+    rows = work.shared_rows(ctx)  # frozen-A methods: B travels alone, both ways
+    payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=rows)
     merged, through = _merged_update(message, context, payload)
     reply = work.train_round(ctx, server_round, rank, payload.lora, merged, payload.dense)
     factors, new_dense, metrics = hostile_reply(
@@ -104,9 +105,8 @@ def train(message: Message, context: Context) -> Message:
     )
     if through is not None:
         metrics[msg.MERGED_THROUGH] = through
-    content = RecordDict(
-        {msg.ARRAYS: msg.pack(lora=factors, dense=new_dense), msg.METRICS: MetricRecord(metrics)}
-    )
+    arrays = msg.pack(lora=factors, dense=new_dense, frozen_a=rows is not None)
+    content = RecordDict({msg.ARRAYS: arrays, msg.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
@@ -115,7 +115,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model at this client's rank on its local validation split."""
     ctx = _context(message, context)
     rank = int(message.content[msg.CONFIG][msg.RANK])
-    payload = msg.unpack_payload(message.content[msg.ARRAYS])
+    payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=work.shared_rows(ctx))
     merged, _ = _merged_update(message, context, payload)
     metrics = work.evaluate_round(ctx, rank, payload.lora, merged, payload.dense)
     return Message(RecordDict({msg.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -12,6 +12,10 @@ Arrays travel in one `ArrayRecord` per message, keyed by
   confirmed; the config's ``merged-rounds`` lists every round its base must contain);
 - ``"dense.<name>"``: non-LoRA trainables such as a classifier head.
 
+A frozen-A method (FFA-LoRA, ``Method.frozen_a``) sends ``"<module>.lora_B"`` alone, both ways:
+each side rebuilds the shared A from the run seed (``pack(..., frozen_a=True)``, and
+``unpack(record, frozen_a=rows)`` with ``rows(module, r) -> A (r, n)``).
+
 Scalars travel in a `ConfigRecord` (server → client) and a `MetricRecord` (client → server),
 with the kebab-case keys below.
 """
@@ -19,12 +23,14 @@ with the kebab-case keys below.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 Factors = tuple[np.ndarray, np.ndarray]
+SharedRows = Callable[[str, int], np.ndarray]  # (module, r) → the shared frozen A (r, n)
 
 # RecordDict keys
 ARRAYS = "arrays"
@@ -60,18 +66,23 @@ def pack(
     merged: dict[str, Factors] | None = None,
     dense: dict[str, np.ndarray] | None = None,
     rounds: dict[int, dict[str, Factors]] | None = None,
+    *,
+    frozen_a: bool = False,
 ) -> ArrayRecord:
     """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous); ``rounds``
-    maps a round t ≥ 1 to the factors it merged, per module."""
+    maps a round t ≥ 1 to the factors it merged, per module; with ``frozen_a`` only the B of
+    each ``lora`` pair (the receiver knows A)."""
     arrays: dict[str, Array] = {}
 
     def put(key: str, value: np.ndarray) -> None:
         arrays[key] = Array(np.ascontiguousarray(value, dtype=np.float32))
 
-    for suffix_b, suffix_a, group in ((LORA_B, LORA_A, lora), (MERGED_B, MERGED_A, merged)):
+    groups = ((LORA_B, LORA_A, lora, frozen_a), (MERGED_B, MERGED_A, merged, False))
+    for suffix_b, suffix_a, group, b_only in groups:
         for name, (B, A) in (group or {}).items():
             put(name + suffix_b, B)
-            put(name + suffix_a, A)
+            if not b_only:
+                put(name + suffix_a, A)
     for t, factors in sorted((rounds or {}).items()):
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"merged round {t!r} must be an integer ≥ 1")
@@ -97,12 +108,26 @@ class Payload:
     rounds: dict[int, dict[str, Factors]] = field(default_factory=dict)
 
 
+def _with_shared_a(name: str, parts: dict[str, np.ndarray], rows: SharedRows) -> Factors:
+    """A frozen-A method's B-only pair completed with the shared A of B's rank."""
+    if set(parts) != {"B"}:
+        raise MessageFormatError(f"module {name!r}: a frozen-A method sends lora_B alone")
+    B = parts["B"]
+    if B.ndim != 2:
+        raise MessageFormatError(f"module {name!r}: lora_B has shape {B.shape}, expected (m, r)")
+    try:
+        return B, np.asarray(rows(name, int(B.shape[1])), np.float32)
+    except (KeyError, ValueError) as error:
+        raise MessageFormatError(f"module {name!r}: no shared A for it ({error})") from None
+
+
 def unpack(
-    record: ArrayRecord,
+    record: ArrayRecord, frozen_a: SharedRows | None = None
 ) -> tuple[dict[str, Factors], dict[str, Factors], dict[str, np.ndarray]]:
     """Inverse of `pack` without rounds: ``(lora, merged, dense)``; unpaired or unknown keys,
-    and per-round merged factors, are errors (`unpack_payload` reads those)."""
-    payload = unpack_payload(record)
+    and per-round merged factors, are errors (`unpack_payload` reads those). With ``frozen_a``
+    the lora group must carry B alone, completed with ``frozen_a(module, r)``."""
+    payload = unpack_payload(record, frozen_a)
     if payload.rounds:
         raise MessageFormatError(
             f"unexpected per-round merged factors (rounds {sorted(payload.rounds)})"
@@ -120,8 +145,10 @@ def _pairs(halves: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, Fac
     return pairs
 
 
-def unpack_payload(record: ArrayRecord) -> Payload:
-    """Inverse of `pack`; unpaired or unknown keys are errors."""
+def unpack_payload(record: ArrayRecord, frozen_a: SharedRows | None = None) -> Payload:
+    """Inverse of `pack`; unpaired or unknown keys are errors. With ``frozen_a`` the lora
+    group must carry B alone, completed here with ``frozen_a(module, r)`` (the shared A of B's
+    rank r)."""
     halves: dict[str, dict[str, dict[str, np.ndarray]]] = {"lora": {}, "merged": {}}
     by_round: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     dense: dict[str, np.ndarray] = {}
@@ -151,11 +178,15 @@ def unpack_payload(record: ArrayRecord) -> Payload:
             if not key.startswith(DENSE):
                 raise MessageFormatError(f"unexpected array key {key!r}")
             dense[key[len(DENSE) :]] = value
+    if frozen_a is not None:
+        lora = {
+            name: _with_shared_a(name, parts, frozen_a) for name, parts in halves["lora"].items()
+        }
+    else:
+        lora = _pairs(halves["lora"], "lora factors")
     return Payload(
-        lora=_pairs(halves["lora"], "lora factors"),
+        lora=lora,
         merged=_pairs(halves["merged"], "merged factors"),
         dense=dense,
-        rounds={
-            t: _pairs(by_round[t], f"round-{t} merged factors") for t in sorted(by_round)
-        },
+        rounds={t: _pairs(by_round[t], f"round-{t} merged factors") for t in sorted(by_round)},
     )

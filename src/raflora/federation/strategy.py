@@ -145,6 +145,7 @@ class HeteroRankStrategy(Strategy):
         self.settings = RoundSettings.of(
             self.method, dict(fed.options), apply=fed.apply, carry_over=fed.carry_over
         )
+        self._frozen_rows: msg.SharedRows | None = None  # frozen-A methods: see _shared_rows
 
     # ------------------------------------------------------------------ nodes and sampling
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
@@ -163,6 +164,7 @@ class HeteroRankStrategy(Strategy):
         ranks = {node.rank for node in nodes}
         self.method.check_ranks(self.settings.options, sorted(ranks))
         self.settings = replace(self.settings, bounds=tuple(sorted(ranks)))
+        self._frozen_rows = None  # drawn again for the new largest rank
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded sample of partition ids: ``max(1, round(fraction · K))`` of them."""
@@ -190,9 +192,25 @@ class HeteroRankStrategy(Strategy):
         if self._per_round:  # the merged rounds this client has not confirmed
             after = self.confirmed.get(partition_id, 0)
             rounds = {t: f for t, f in self.state.merged_rounds.items() if t > after}
-            return msg.pack(lora=lora, dense=self.state.dense, rounds=rounds)
+            return msg.pack(
+                lora=lora, dense=self.state.dense, rounds=rounds, frozen_a=self.method.frozen_a
+            )
         merged = {name: update.factors() for name, update in self.state.merged.items()}
-        return msg.pack(lora=lora, merged=merged, dense=self.state.dense)
+        return msg.pack(
+            lora=lora, merged=merged, dense=self.state.dense, frozen_a=self.method.frozen_a
+        )
+
+    def _shared_rows(self) -> msg.SharedRows | None:
+        """A frozen-A method's shared A (module, r) → A_0[:r], rebuilt from the run seed for
+        the clients' B-only replies (None for every other method)."""
+        if not self.method.frozen_a:
+            return None
+        if self._frozen_rows is None:
+            modules = self.expectation.modules
+            self._frozen_rows = task.shared_a_rows(
+                self.config, lambda name: modules[name][1], self.settings.max_rank
+            )
+        return self._frozen_rows
 
     def _config(self, server_round: int, partition_id: int, base: ConfigRecord) -> ConfigRecord:
         record = ConfigRecord(dict(base))  # copy: never write into the caller's record
@@ -255,7 +273,7 @@ class HeteroRankStrategy(Strategy):
             metrics = reply.content.metric_records.get(msg.METRICS)
             if record is None or metrics is None:
                 raise RejectedUpdate("reply lacks its arrays or metrics record")
-            lora, _, dense = msg.unpack(record)
+            lora, _, dense = msg.unpack(record, frozen_a=self._shared_rows())
             update, review = check_update(
                 pid,
                 lora,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -32,6 +33,7 @@ from raflora.training import (
     ranks_from_list,
     ranks_from_memory,
     ranks_from_tiers,
+    shared_lora_A,
     take,
 )
 from raflora.training.device import check_quantization, resolve_device, resolve_dtype
@@ -256,6 +258,53 @@ def method_regularizer(config: Config) -> Any:
         return sum(term(B, A) for B, A in live_factors(model).values())
 
     return penalty
+
+
+def shared_a(config: Config, name: str, rank: int, n: int) -> np.ndarray:
+    """A frozen-A method's shared A_0[:rank] (rank, n) for module ``name``, float32: the same
+    on the server and every client, in every round (seeded by the run seed and the module)."""
+    seed = derived_seed(config.run.seed, "frozen-a")
+    return shared_lora_A(seed, name, rank, n).numpy()
+
+
+def shared_a_rows(
+    config: Config, in_features: Callable[[str], int], max_rank: int
+) -> Callable[[str, int], np.ndarray]:
+    """``(module, r) → A_0[:r]`` for `messages.unpack` of a frozen-A method's B-only arrays;
+    refuses (ValueError, KeyError) ranks outside 1..max_rank and modules ``in_features`` does
+    not know. One draw of A_0[:max_rank] per module, then slices."""
+    drawn: dict[str, np.ndarray] = {}
+
+    def rows(name: str, rank: int) -> np.ndarray:
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"rank {rank} is outside 1..{max_rank}")
+        if name not in drawn:
+            drawn[name] = shared_a(config, name, max_rank, in_features(name))
+        return drawn[name][:rank]
+
+    return rows
+
+
+def frozen_a_start(
+    config: Config,
+    shapes: Mapping[str, tuple[int, int, int]],
+    lora: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A frozen-A client's start for every module (m, n, r) of its model: the received B
+    (m, r') with zero columns up to r, and the shared A_0[:r] (FFA-LoRA)."""
+    start = {}
+    for name, (m, n, r) in shapes.items():
+        B = np.zeros((m, r), np.float32)
+        if name in lora:
+            received = np.asarray(lora[name][0], np.float32)
+            if received.ndim != 2 or received.shape[0] != m or received.shape[1] > r:
+                raise ValueError(
+                    f"factors for {name!r}: B of shape {received.shape} does not fit a rank-{r} "
+                    f"model (needs ({m}, ≤ {r}))"
+                )
+            B[:, : received.shape[1]] = received
+        start[name] = (B, shared_a(config, name, r, n))
+    return start
 
 
 @dataclass(frozen=True)

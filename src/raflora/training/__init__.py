@@ -18,11 +18,14 @@ from raflora.training.export import save_peft_adapter
 from raflora.training.factors import (
     get_dense_trainables,
     get_factors,
+    in_features,
     live_factors,
     lora_scaling,
     lora_shapes,
     set_dense_trainables,
     set_factors,
+    set_lora_A_trainable,
+    shared_lora_A,
 )
 from raflora.training.local import configure_threads, evaluate, torch_threads, train_local
 from raflora.training.models import (
@@ -53,6 +56,7 @@ __all__ = [
     "evaluate",
     "get_dense_trainables",
     "get_factors",
+    "in_features",
     "live_factors",
     "load_base_model",
     "load_task_data",
@@ -69,6 +73,8 @@ __all__ = [
     "save_peft_adapter",
     "set_dense_trainables",
     "set_factors",
+    "set_lora_A_trainable",
+    "shared_lora_A",
     "shipped_names",
     "take",
     "torch_threads",

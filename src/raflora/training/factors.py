@@ -92,6 +92,36 @@ def fresh_lora_A(rows: int, n: int, generator: torch.Generator) -> Tensor:
     return A
 
 
+def shared_lora_A(seed: int, name: str, rows: int, n: int) -> Tensor:
+    """A frozen-A method's shared A_0[:rows] (rows, n) for module ``name`` (FFA-LoRA): PEFT's
+    init drawn from the (seed, module) stream, so every client and round gets the same matrix
+    and the A of rank r is the first r rows of the A of any larger rank."""
+    return fresh_lora_A(rows, n, _module_generator(seed, name))
+
+
+def set_lora_A_trainable(peft_model: nn.Module, trainable: bool) -> None:
+    """Train (True) or freeze (False) every ``lora_A`` of the active adapter; the optimiser of
+    `train_local` then leaves a frozen A untouched (no step, no weight decay)."""
+    adapter = _adapter(peft_model)
+    for _, layer in lora_layers(peft_model):
+        layer.lora_A[adapter].weight.requires_grad_(trainable)
+
+
+def in_features(base: nn.Module, name: str) -> int:
+    """Input size n of the linear layer ``name`` of a model without LoRA (GPT-2's Conv1D
+    stores its weight as (in, out)); KeyError naming the module if there is none."""
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        layer = base.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"the model has no module {name!r}") from None
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.ndim != 2:
+        raise KeyError(f"module {name!r} is not a linear layer")
+    return int(weight.shape[0] if isinstance(layer, Conv1D) else weight.shape[1])
+
+
 def _checked_pair(name: str, pair: Factors, m: int, n: int, r: int) -> tuple[Tensor, Tensor]:
     B, A = (torch.as_tensor(x, dtype=torch.float32) for x in pair)
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:

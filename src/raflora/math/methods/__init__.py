@@ -7,9 +7,11 @@ Adding a method is one module that builds a :class:`~.registry.Method` and calls
 from raflora.math.methods import (  # noqa: F401  (each import registers its methods)
     fedex,
     fedit,
+    ffa_lora,
     flexlora,
     flexlora_nm,
     flora,
+    florist,
     hetlora,
     raflora,
     rblora,

@@ -23,6 +23,9 @@ asks for it by name (PEFT's ``register_peft_method`` pattern):
   any round runs;
 - client hooks: ``penalty(options)`` a term added to the local loss of every module's factors,
   ``prune(options, factors)`` what the client sends back after training;
+- ``frozen_a``: A is not trained but fixed at a shared seeded initialisation, the same for every
+  client and round (A of rank r is the first r rows of that of the largest rank); clients train
+  B only, and only B travels (both sides rebuild A from the run seed; FFA-LoRA);
 - ``columns``: for methods whose global factors are the clients' own stacked with one weight
   per column (``B = [B_1 diag(q_1) …]``, ``A = [A_1; …]``), those weights, so aggregation and
   allocation can run in one pass without the stack (:mod:`raflora.math.stacked`);
@@ -74,6 +77,7 @@ class Method:
     carry_over: bool = False
     equal_ranks: bool = False
     ranks_may_shrink: bool = False
+    frozen_a: bool = False
     options: type | None = None
     columns: ColumnsFn | None = None
     check: Callable[[Any, Sequence[int]], None] = _no_check
@@ -122,6 +126,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"options for {name!r} must be a dataclass")
     if method.allocation not in ("svd", "slice") or method.apply not in ("adapter", "merge"):
         raise ValueError(f"{name}: allocation must be svd|slice and apply adapter|merge")
+    if method.frozen_a and method.allocation != "slice":
+        raise ValueError(f"{name}: a frozen A needs slice allocation (an SVD would rotate A)")
     _REGISTRY[name] = method
     return method
 
