@@ -26,8 +26,7 @@ from raflora.federation.evaluation import ServerEvaluator
 from raflora.federation.outputs import write_config, write_metrics
 from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
-from raflora.federation.validation import Expectation
-from raflora.math.methods import get_method
+from raflora.federation.validation import expectation_for
 from raflora.math.round import GlobalState
 from raflora.training import partition_table
 
@@ -221,12 +220,8 @@ class FederatedRun:
         # only now: a refused resume must not overwrite the config the run was made with
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.run_dir, config)
-        expectation = Expectation(
-            modules=evaluator.module_shapes(),
-            dense=evaluator.dense_shapes(evaluator.initial_state()),
-            max_norm=config.federation.max_update_norm,
-            norm_policy=config.federation.norm_policy,
-            allow_lower_rank=get_method(config.federation.method).ranks_may_shrink,
+        expectation = expectation_for(
+            config, evaluator.module_shapes(), evaluator.dense_shapes(evaluator.initial_state())
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raflora.math import factored_norm
+from raflora.math import factored_norm, get_method
 from raflora.math.round import ClientUpdate, Factors
+
+if TYPE_CHECKING:
+    from raflora.config import Config
 
 
 class RejectedUpdate(ValueError):
@@ -31,6 +35,22 @@ class Expectation:
     max_norm: float | None = None  # bound on ‖B A‖_F per module
     norm_policy: str = "reject"  # "reject" | "clip"
     allow_lower_rank: bool = False  # HetLoRA self-pruning
+
+
+def expectation_for(
+    config: Config, modules: dict[str, tuple[int, int]], dense: dict[str, tuple[int, ...]]
+) -> Expectation:
+    """What a valid reply looks like in a run of ``config``: these module shapes ``(m, n)`` and
+    dense tensors, the run's norm bound, and a lower rank allowed where the method's ranks may
+    shrink (`Method.ranks_may_shrink`: HetLoRA's self-pruning)."""
+    fed = config.federation
+    return Expectation(
+        modules=dict(modules),
+        dense=dict(dense),
+        max_norm=fed.max_update_norm,
+        norm_policy=fed.norm_policy,
+        allow_lower_rank=get_method(fed.method).ranks_may_shrink,
+    )
 
 
 def _check_array(name: str, value: np.ndarray) -> None:
