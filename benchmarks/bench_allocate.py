@@ -58,8 +58,8 @@ from _common import (
     run_worker,
     table,
 )
-from raflora.math.round import compress, compressed_values, decompose, stack
 from raflora.math import aggregate, aggregate_allocate, allocate, factored_svd, lowrank
+from raflora.math.round import compress, compressed_values, decompose, stack
 
 RANK_SET = (4, 8, 16, 32, 64)
 METHODS = ("raflora", "flexlora")
