@@ -57,3 +57,24 @@ def test_measured_bytes_equal_the_formula_for_every_method(
     assert first["ranks_sent"] == [2, 4, 8] and first["ranks_received"] == [1, 1, 1]
     assert second["ranks_sent"] == [1, 1, 1]
     assert row["matches"], row["rounds"]
+
+
+def test_readme_method_table_lists_every_method_with_its_recorded_bytes() -> None:
+    """The README's method table has one row per registered method, and its measured column
+    quotes round 2 of benchmarks/results/bench_bytes.json (formula-checked when recorded)."""
+    root = BENCH.parents[1]
+    recorded = json.loads((root / "benchmarks" / "results" / "bench_bytes.json").read_text())
+    assert recorded["summary"]["all_match"] is True and recorded["summary"]["quick"] is False
+    readme = (root / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    methods = {name: row for name, row in rows.items() if name in available_methods()}
+    assert set(methods) == set(available_methods())
+    for row in recorded["methods"]:
+        second = row["rounds"][1]
+        assert second["bytes_sent"] == second["formula_sent"]
+        total = second["bytes_sent"] + second["bytes_received"]
+        assert f"{total:,}" in methods[row["method"]][-1], row["method"]
