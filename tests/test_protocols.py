@@ -198,7 +198,7 @@ class PaperServer:
         sizes = [replies[pid][1] for pid in pids]
         sampled_max = max(next(iter(replies[pid][0].values()))[1].shape[0] for pid in pids)
         for name in MODULES:
-            pairs = [tuple(np.float64(x) for x in replies[pid][0][name]) for pid in pids]
+            pairs = [tuple(x.astype(np.float64) for x in replies[pid][0][name]) for pid in pids]
             kept = self.paper.aggregate(pairs, sizes)
             if isinstance(kept, tuple):
                 self.factors[name] = kept
@@ -503,12 +503,14 @@ def test_hetlora_client_hook_prunes_a_faint_tail_to_floor_gamma_r() -> None:
     options = get_method("hetlora").build_options(**HETLORA_PRUNING)
     hook = get_method("hetlora").prune(options, faint)  # the method's own hook
     for name, (B, A) in faint.items():
-        assert paper_pruned_rank(np.float64(B), np.float64(A), 0.5, 1e-2) == 4  # ⌊0.5 · 8⌋
+        assert (
+            paper_pruned_rank(B.astype(np.float64), A.astype(np.float64), 0.5, 1e-2) == 4
+        )  # ⌊0.5 · 8⌋
         for got in (pruned[name], hook[name]):
             assert np.array_equal(got[0], B[:, :4]) and np.array_equal(got[1], A[:4])
     healthy = client_factors(2, 1, 8)
     for B, A in method_prune(config, healthy).values():
-        assert paper_pruned_rank(np.float64(B), np.float64(A), 0.5, 1e-2) == 8
+        assert paper_pruned_rank(B.astype(np.float64), A.astype(np.float64), 0.5, 1e-2) == 8
         assert B.shape[1] == A.shape[0] == 8
 
 
