@@ -28,8 +28,7 @@ from raflora.federation.progress import LogReporter, Reporter
 from raflora.federation.record import RoundRecord
 from raflora.federation.strategy import HeteroRankStrategy, NodeInfo, RoundLog
 from raflora.federation.trackers import Trackers
-from raflora.federation.validation import Expectation
-from raflora.math.methods import get_method
+from raflora.federation.validation import expectation_for
 from raflora.math.round import GlobalState
 from raflora.training import partition_table
 
@@ -179,14 +178,8 @@ class FederatedRun:
         # only now: a refused resume must not overwrite the config the run was made with
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.run_dir, config)
-        expectation = Expectation(
-            modules=evaluator.module_shapes(),
-            dense=evaluator.dense_shapes(evaluator.initial_state()),
-            max_norm=config.federation.max_update_norm,
-            norm_policy=config.federation.norm_policy,
-            allow_lower_rank=get_method(config.federation.method).ranks_may_shrink,
-            max_total_norm=config.federation.max_total_update_norm,
-            max_num_examples=config.federation.max_num_examples,
+        expectation = expectation_for(
+            config, evaluator.module_shapes(), evaluator.dense_shapes(evaluator.initial_state())
         )
         strategy = HeteroRankStrategy(config=config, state=state, expectation=expectation)
         startup = max(config.federation.round_timeout_s, STARTUP_TIMEOUT_S)

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raflora.math import factored_norm
+from raflora.math import factored_norm, get_method
 from raflora.math.round import ClientUpdate, Factors
 from raflora.math.steps import StepPath, shrink_factor, step_path
 
 NORM_LIMIT = 1e15  # largest ‖B A‖_F or ‖dense‖_F of any reply; float32 overflows at ~3.4e38
 MAX_COUNT = 2**53  # largest num-examples: every integer up to it is exact as a float64
+
+if TYPE_CHECKING:
+    from raflora.config import Config
 
 
 class RejectedUpdate(ValueError):
@@ -72,6 +76,24 @@ class Review:
     largest: float | None = None  # its largest per-tensor contribution before clipping
     clipped_modules: int = 0  # LoRA modules and dense tensors shrunk to a bound
     clipped: str = ""  # why, in words ("" when nothing was clipped)
+
+
+def expectation_for(
+    config: Config, modules: dict[str, tuple[int, int]], dense: dict[str, tuple[int, ...]]
+) -> Expectation:
+    """What a valid reply looks like in a run of ``config``: these module shapes ``(m, n)`` and
+    dense tensors, the run's norm bounds and num-examples cap, and a lower rank allowed where
+    the method's ranks may shrink (`Method.ranks_may_shrink`: HetLoRA's self-pruning)."""
+    fed = config.federation
+    return Expectation(
+        modules=dict(modules),
+        dense=dict(dense),
+        max_norm=fed.max_update_norm,
+        norm_policy=fed.norm_policy,
+        allow_lower_rank=get_method(fed.method).ranks_may_shrink,
+        max_total_norm=fed.max_total_update_norm,
+        max_num_examples=fed.max_num_examples,
+    )
 
 
 def _check_array(name: str, value: np.ndarray) -> None:
