@@ -171,3 +171,21 @@ def group_cells(plan: Plan, grid: str | None = None) -> dict[tuple, dict[str, li
             if all(c.run_id != cell.run_id for c in cells):
                 cells.append(cell)
     return out
+
+
+SeedMetrics = dict[tuple, dict[str, dict[int, dict[str, Any]]]]
+
+
+def seed_metrics(plan: Plan, results: dict[str, RunResult], grid: str | None = None) -> SeedMetrics:
+    """``{setting: {method label: {seed: run_metrics}}}`` of the finished runs of one grid (or
+    all grids): what the paired statistics work on. A seed's metrics use the setting's rank
+    partitions (`run_metrics`), so a shared fedit@r_max run is re-binned per setting."""
+    out: SeedMetrics = {}
+    for setting, by_method in group_cells(plan, grid).items():
+        bounds = bounds_of(plan.suite.rank_configs[setting[0]])
+        for method, cells in by_method.items():
+            seeds = out.setdefault(setting, {}).setdefault(method, {})
+            for cell in cells:
+                if cell.run_id in results:
+                    seeds[cell.seed] = run_metrics(results[cell.run_id], bounds)
+    return out
