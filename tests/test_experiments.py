@@ -63,7 +63,7 @@ def test_shipped_suites_expand_into_valid_runs(path: Path) -> None:
     plan = expand(suite, Path("runs") / suite.suite.name / "runs")
     assert plan.configs and len(plan.cells) >= len(plan.configs)
     methods = {c.method for c in plan.cells}
-    assert {"flexlora", "raflora"} <= methods
+    assert {"flexlora", "raflora"} <= methods or {"fedit@r_max", "fedit@r_min"} == methods
 
 
 def test_expansion_sets_each_cell_and_shares_equal_runs() -> None:
@@ -169,6 +169,19 @@ def test_rebin_mean_std_and_cells() -> None:
     assert cell_text((0.81234, 0.0, 1), ".3f") == "0.812"
     assert cell_text((0.8, 0.01, 2), ".3f") == "0.800 ± 0.010"
     assert cell_text(None, ".3f") == "–"
+
+
+def test_two_grids_with_other_runs_in_one_table_cell_are_refused() -> None:
+    from raflora.experiments.results import RunResult, seed_metrics
+
+    grid = {"methods": ["raflora"], "rank_configs": ["uniform"], "seeds": [0]}
+    data = suite_dict(grid=[grid, {**grid, "name": "b", "set": ["train.lr=0.1"]}])
+    plan = expand(suite_from_dict(data), Path("r"))
+    results = {run: RunResult(run, {"final_accuracy": 0.5}, []) for run in plan.configs}
+    with pytest.raises(SuiteError, match=r"two different runs .* \(raflora, uniform, seed 0\)"):
+        seed_metrics(plan, results)
+    one_grid = seed_metrics(plan, results, grid="b")  # within one grid: no conflict
+    assert one_grid[("uniform", None, 1.0)]["raflora"][0]["final_accuracy"] == 0.5
 
 
 def test_splice_into_replaces_only_the_generated_block(tmp_path: Path) -> None:

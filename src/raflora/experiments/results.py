@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from raflora.experiments.suite import Cell, Plan
+from raflora.experiments.suite import Cell, Plan, SuiteError
 
 METRICS = (
     "final_accuracy",
@@ -185,7 +185,14 @@ def seed_metrics(plan: Plan, results: dict[str, RunResult], grid: str | None = N
         bounds = bounds_of(plan.suite.rank_configs[setting[0]])
         for method, cells in by_method.items():
             seeds = out.setdefault(setting, {}).setdefault(method, {})
+            runs: dict[int, str] = {}
             for cell in cells:
+                if runs.setdefault(cell.seed, cell.run_id) != cell.run_id:
+                    raise SuiteError(
+                        f"grids put two different runs ({runs[cell.seed]}, {cell.run_id}) in "
+                        f"one table cell ({method}, {cell.rank_config}, seed {cell.seed}): give "
+                        f"the grids different rank-configuration names, α or fractions"
+                    )
                 if cell.run_id in results:
                     seeds[cell.seed] = run_metrics(results[cell.run_id], bounds)
     return out
