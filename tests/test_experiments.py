@@ -63,7 +63,7 @@ def test_shipped_suites_expand_into_valid_runs(path: Path) -> None:
     plan = expand(suite, Path("runs") / suite.suite.name / "runs")
     assert plan.configs and len(plan.cells) >= len(plan.configs)
     methods = {c.method for c in plan.cells}
-    assert {"flexlora", "raflora"} <= methods
+    assert {"flexlora", "raflora"} <= methods or {"fedit@r_max", "fedit@r_min"} == methods
 
 
 def test_expansion_sets_each_cell_and_shares_equal_runs() -> None:
@@ -171,6 +171,19 @@ def test_rebin_mean_std_and_cells() -> None:
     assert cell_text(None, ".3f") == "–"
 
 
+def test_two_grids_with_other_runs_in_one_table_cell_are_refused() -> None:
+    from raflora.experiments.results import RunResult, seed_metrics
+
+    grid = {"methods": ["raflora"], "rank_configs": ["uniform"], "seeds": [0]}
+    data = suite_dict(grid=[grid, {**grid, "name": "b", "set": ["train.lr=0.1"]}])
+    plan = expand(suite_from_dict(data), Path("r"))
+    results = {run: RunResult(run, {"final_accuracy": 0.5}, []) for run in plan.configs}
+    with pytest.raises(SuiteError, match=r"two different runs .* \(raflora, uniform, seed 0\)"):
+        seed_metrics(plan, results)
+    one_grid = seed_metrics(plan, results, grid="b")  # within one grid: no conflict
+    assert one_grid[("uniform", None, 1.0)]["raflora"][0]["final_accuracy"] == 0.5
+
+
 def test_splice_into_replaces_only_the_generated_block(tmp_path: Path) -> None:
     suite_dir = tmp_path / "suite"
     (suite_dir / "plots").mkdir(parents=True)
@@ -201,7 +214,8 @@ def tiny_suite(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """examples/suite_tiny.toml on the tiny BERT with fewer examples, run once via the CLI."""
     data = tomllib.loads((EXAMPLES / "suite_tiny.toml").read_text())
     data["base"]["model"]["path"] = str(tiny_bert_dir)
-    data["base"]["data"].update(train_size=90, test_size=30)
+    data["base"]["data"].update(train_size=90, test_size=60)
+    data["base"]["train"]["lr"] = 0.03  # the tiny BERT moves enough in 2 rounds to rank methods
     folder = tmp_path_factory.mktemp("suite")
     path = folder / "suite_tiny.toml"
     path.write_text(tomli_w.dumps(data))
@@ -214,7 +228,7 @@ def test_tiny_suite_runs_every_cell_and_writes_the_report(tiny_suite: dict) -> N
     result, suite_dir = tiny_suite["result"], tiny_suite["dir"]
     assert result.exit_code == 0, result.output
     manifest = json.loads((suite_dir / "suite.json").read_text())
-    assert len(manifest["cells"]) == 4 and len(manifest["runs"]) == 4
+    assert len(manifest["cells"]) == 8 and len(manifest["runs"]) == 6
     assert {v["status"] for v in manifest["runs"].values()} == {"finished"}
     for run_id in manifest["runs"]:
         run = suite_dir / "runs" / run_id
@@ -230,19 +244,96 @@ def test_tiny_suite_runs_every_cell_and_writes_the_report(tiny_suite: dict) -> N
     header = "| method | seeds | " + " | ".join(titles) + " |"
     assert report.count(header) == 2  # one table per rank configuration
     rows = [
-        line for line in report.splitlines() if re.match(r"\| (flexlora|raflora) \| 1/1 \|", line)
+        line
+        for line in report.splitlines()
+        if re.match(r"\| (flexlora|raflora) \| ([12])/\2 \|", line)
     ]
-    assert len(rows) == 4
+    assert len(rows) == 4  # uniform: 2 seeds each, skewed_small: seed 0
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 2 + len(COLUMNS)
-        assert 0 <= float(cells[2]) <= 1 and 0 <= float(cells[4]) <= 1  # final acc, top-r_min
+        final, energy = (float(cells[i].split(" ± ")[0]) for i in (2, 4))  # mean (± std)
+        assert 0 <= final <= 1 and 0 <= energy <= 1  # final acc, top-r_min
         assert "–" not in cells
     assert "Sensitivity" in report and "Predicted retention" in report
     images = re.findall(r"!\[[^]]*\]\((plots/[^)]+)\)", report)
     assert len(images) == 2 * 3 + 1 + 1  # per setting: accuracy, energy, norm; sensitivity; c_i
     for image in images:
         assert is_png(suite_dir / image)
+
+
+T_975_1 = 12.7062047  # Student's t, 97.5 % quantile, 1 degree of freedom (printed tables)
+
+
+def _interval(text: str) -> tuple[float, float, float]:
+    """``0.512 [0.400, 0.624]`` (signs allowed) → (mean, lo, hi)."""
+    mean, lo, hi = re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", text.strip()).groups()
+    return float(mean), float(lo), float(hi)
+
+
+def test_tiny_suite_statistics_match_a_hand_computation(tiny_suite: dict) -> None:
+    # Prepare: the final accuracies of the 2 seeds, read from the runs themselves
+    suite_dir = tiny_suite["dir"]
+    final = {
+        (method, seed): json.loads(
+            (suite_dir / "runs" / f"{method}_uniform_a1_f1_s{seed}" / "run.json").read_text()
+        )["final_accuracy"]
+        for method in ("flexlora", "raflora")
+        for seed in (0, 1)
+    }
+    report = (suite_dir / "report.md").read_text()
+    uniform = report.split("### uniform")[1].split("\n### ")[0]
+    rows = {
+        cells[0]: cells
+        for line in uniform.splitlines()
+        if line.startswith("| ") and "[" in line
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    # Execute: by hand. Two values: mean (a+b)/2, sample std |a−b|/√2, half-width t·std/√2
+    for method in ("flexlora", "raflora"):
+        a, b = final[(method, 0)], final[(method, 1)]
+        mean, half = (a + b) / 2, T_975_1 * abs(a - b) / 2
+        assert rows[method][1] == "2"
+        got = _interval(rows[method][2])
+        assert got == pytest.approx((mean, mean - half, mean + half), abs=6e-4), method
+    d0 = final[("flexlora", 0)] - final[("raflora", 0)]
+    d1 = final[("flexlora", 1)] - final[("raflora", 1)]
+    mean, half = (d0 + d1) / 2, T_975_1 * abs(d0 - d1) / 2
+    # Assert: flexlora's paired difference to raflora, its pair count and its word
+    flex = rows["flexlora"]
+    assert _interval(flex[3]) == pytest.approx((mean, mean - half, mean + half), abs=6e-4)
+    assert flex[4] == "2"
+    word = "better" if mean - half > 0 else "worse" if mean + half < 0 else "undecided"
+    assert flex[5] == word
+    assert rows["raflora"][3:] == ["–", "–", "–"]
+    # the verdict compares the same pairs: accuracy is raflora − flexlora
+    verdict = (suite_dir / "verdict.md").read_text()
+    assert verdict.strip() in report  # verdict.md is the report's opening tables alone
+    accuracy = next(line for line in verdict.splitlines() if line.startswith("| accuracy |"))
+    r0 = final[("raflora", 0)] - final[("flexlora", 0)]
+    r1 = final[("raflora", 1)] - final[("flexlora", 1)]
+    back = (r0 + r1) / 2
+    assert f"{back:+.3f} [{back - half:+.3f}, {back + half:+.3f}], n=2" in accuracy
+    expected = {"better": "not reproduced", "worse": "reproduced"}.get(word, "undecided")
+    assert f"**{expected}**" in accuracy
+    assert "| participation | **not assessed** |" in verdict  # one fraction only
+    # collapse: flexlora − raflora top-2 energy share of the last round, by hand from metrics.json
+    energy = {}
+    for method in ("flexlora", "raflora"):
+        for seed in (0, 1):
+            run = suite_dir / "runs" / f"{method}_uniform_a1_f1_s{seed}"
+            last = json.loads((run / "metrics.json").read_text())[-1]
+            shares = [sum(m["energy_spectrum"][:2]) for m in last["per_module"].values()]
+            energy[(method, seed)] = sum(shares) / len(shares)
+    e0 = energy[("flexlora", 0)] - energy[("raflora", 0)]
+    e1 = energy[("flexlora", 1)] - energy[("raflora", 1)]
+    mean, half = (e0 + e1) / 2, T_975_1 * abs(e0 - e1) / 2
+    assert e0 != e1  # a real interval, not a degenerate one
+    collapse = next(line for line in verdict.splitlines() if line.startswith("| collapse |"))
+    numbers = re.search(r"flexlora \(uniform, α 1, f 1\): (\S+ \[\S+, \S+\]), n=2", collapse)
+    assert numbers is not None, collapse
+    got = _interval(numbers.group(1))
+    assert got == pytest.approx((mean, mean - half, mean + half), abs=6e-4)
 
 
 def test_tiny_suite_skips_finished_runs_and_resumes_an_interrupted_one(tiny_suite: dict) -> None:
@@ -258,7 +349,7 @@ def test_tiny_suite_skips_finished_runs_and_resumes_an_interrupted_one(tiny_suit
     # Assert
     assert again.exit_code == 2 and "pass --resume" in again.output
     assert resumed.exit_code == 0, resumed.output
-    assert "3 finished, 1 to run" in resumed.output.replace("\n", " ")
+    assert "5 finished, 1 to run" in resumed.output.replace("\n", " ")
     after = json.loads((run / "metrics.json").read_text())
     assert without_timing(after) == without_timing(before)  # the engine's resume is exact
 
@@ -280,10 +371,22 @@ def test_finished_run_with_another_config_is_an_error(tiny_suite: dict, tmp_path
 def test_dry_run_and_report_only(tiny_suite: dict) -> None:
     path, out = tiny_suite["path"], tiny_suite["out"]
     listed = runner.invoke(app, ["experiment", str(path), "--out", str(out), "--dry-run"])
-    assert listed.exit_code == 0 and "4 cells, 4 runs" in listed.output
-    rewritten = runner.invoke(app, ["experiment", str(path), "--out", str(out), "--report-only"])
+    assert listed.exit_code == 0 and "8 cells, 6 runs" in listed.output
+    doc = out / "results.md"
+    doc.write_text("# Results\n\nprose\n")
+    rewritten = runner.invoke(
+        app, ["experiment", str(path), "--out", str(out), "--report-only", "--docs", str(doc)]
+    )
     assert rewritten.exit_code == 0, rewritten.output
     assert (tiny_suite["dir"] / "report.md").is_file()
+    # the document opens with the verdict; the whole report follows the prose
+    text = doc.read_text()
+    assert text.startswith(
+        "# Results\n\n<!-- BEGIN raflora experiment verdict-tiny (generated: do not edit) -->\n"
+        "### Verdict on the seed paper's claims (suite `tiny`)"
+    )
+    assert text.index("prose") < text.index("<!-- BEGIN raflora experiment tiny ")
+    assert not list((out / "img").glob("results_verdict-tiny_*"))
 
 
 def test_bad_suite_on_the_command_line(tmp_path: Path) -> None:

@@ -385,6 +385,9 @@ def experiment(
     console.print(f"report: [bold]{report}[/] (plots in {report.parent / 'plots'})")
     if docs is not None:
         splice_into(docs, report, spec.suite.name)
+        summary = report.parent / "verdict.md"
+        if summary.is_file():  # the claims and headroom tables also open the document
+            splice_into(docs, summary, f"verdict-{spec.suite.name}", plots=False, top=True)
         console.print(f"report spliced into {docs}")
     if failed:
         err.print(f"[bold red]{failed} run(s) failed[/]: see {suite_dir / 'suite.json'}")

@@ -60,7 +60,10 @@ def plot_sensitivity(
     path: Path,
     title: str,
 ) -> Path:
-    """Final accuracy (mean ± std over seeds) vs rank configuration, one line per method."""
+    """Final accuracy vs rank configuration, one line per method, with error bars.
+
+    ``points[method][config] = (mean, half-width)``: the report passes the half-width of the
+    95% t-interval over seeds (0 for a single seed)."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(configs))
@@ -68,11 +71,11 @@ def plot_sensitivity(
         offset = (i - (len(points) - 1) / 2) * 0.04  # keep error bars apart
         xs = [x[j] + offset for j, c in enumerate(configs) if c in by_config]
         mean = [by_config[c][0] for c in configs if c in by_config]
-        std = [by_config[c][1] for c in configs if c in by_config]
-        ax.errorbar(xs, mean, yerr=std, label=method, marker="o", capsize=3)
+        half = [by_config[c][1] for c in configs if c in by_config]
+        ax.errorbar(xs, mean, yerr=half, label=method, marker="o", capsize=3)
     ax.set_xticks(x, list(configs))
     ax.set_xlabel("rank configuration")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel("final test accuracy (mean, 95% CI over seeds)")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncols=2)

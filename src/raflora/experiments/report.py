@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raflora.experiments import figures
+from raflora.experiments import figures, verdict
 from raflora.experiments.results import (
     RunResult,
     bounds_of,
@@ -28,11 +28,15 @@ from raflora.experiments.results import (
     partition_energy,
     retention_series,
     run_metrics,
+    seed_metrics,
     series,
 )
+from raflora.experiments.stats import LEVEL, direction, mean_ci, paired_difference
 from raflora.experiments.suite import Cell, Plan
 from raflora.math import get_method
 from raflora.report import COLUMNS  # key, title, format: the same columns as `raflora run`
+
+VERDICT = "verdict.md"
 
 
 def cell_text(stats: tuple[float, float, int] | None, fmt: str) -> str:
@@ -64,6 +68,8 @@ class ReportWriter:
         self.plan = plan
         self.suite_dir = Path(suite_dir)
         self.results = load_results(plan, self.suite_dir / "runs")
+        self.data = seed_metrics(plan, self.results)  # every grid; shared runs once
+        self.roles = verdict.roles_of(plan.suite)
         self.plots = self.suite_dir / "plots"
         self.lines: list[str] = []
 
@@ -102,12 +108,40 @@ class ReportWriter:
                 self.lines.append(f"| {method} | " + " | ".join(values) + " |")
             self.lines.append("")
 
+    def stats_table(self, setting: tuple, methods: list[str]) -> None:
+        """Final accuracy: mean and 95% CI over seeds, and the paired difference to raflora
+        (same seeds) with its CI and whether the method is better / worse / undecided."""
+        by_method = self.data.get(setting, {})
+        reference = by_method.get(verdict.REFERENCE)
+        ref, level = verdict.REFERENCE, f"{LEVEL:.0%}"
+        self.lines += [
+            f"| method | seeds | final acc (mean [{level} CI]) "
+            f"| Δ vs {ref} (paired, [{level} CI]) | pairs | vs {ref} |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in methods:
+            seeds = by_method.get(method, {})
+            finals = {seed: m.get("final_accuracy") for seed, m in seeds.items()}
+            ci = mean_ci(finals.values())
+            diff_text, pairs, word = "–", "–", "–"
+            if reference is not None and method != verdict.REFERENCE:
+                theirs = {seed: m.get("final_accuracy") for seed, m in reference.items()}
+                diff = paired_difference(finals, theirs)
+                if diff is not None:
+                    diff_text, pairs, word = diff.text(signed=True), str(diff.n), direction(diff)
+            self.lines.append(
+                f"| {method} | {len(finals)} | {ci.text() if ci else '–'} | {diff_text} "
+                f"| {pairs} | {word} |"
+            )
+        self.lines.append("")
+
     # ------------------------------------------------------------------ sections
     def setting_section(self, setting: tuple, by_method: dict[str, list[Cell]]) -> None:
         bounds = bounds_of(self.plan.suite.rank_configs[setting[0]])
         self.lines += [f"### {setting_title(setting)}", ""]
         self.lines += [f"Client ranks: {self.plan.suite.rank_configs[setting[0]]} (cycled).", ""]
         self.table(by_method, bounds)
+        self.stats_table(setting, list(by_method))
         slug = setting_slug(setting)
         accuracy, norm, energy = {}, {}, {}
         for method, cells in by_method.items():
@@ -158,11 +192,16 @@ class ReportWriter:
                 if (a, f) != (alpha, fraction):
                     continue
                 for method, cells in by_method.items():
-                    stats = mean_std([r.summary.get("final_accuracy") for r in self.runs_of(cells)])
-                    rows.setdefault(method, {})[rc] = cell_text(stats, ".3f")
-                    if stats is not None:
-                        points.setdefault(method, {})[rc] = stats[:2]
+                    ci = mean_ci([r.summary.get("final_accuracy") for r in self.runs_of(cells)])
+                    rows.setdefault(method, {})[rc] = ci.text() if ci else "–"
+                    if ci is not None:
+                        half = 0.0 if np.isnan(ci.half) else ci.half
+                        points.setdefault(method, {})[rc] = (ci.mean, half)
             self.lines += [f"### Sensitivity (grid `{grid}`): {title}", ""]
+            self.lines += [
+                f"Mean [{LEVEL:.0%} CI] over seeds; error bars in the figure: the same CI.",
+                "",
+            ]
             self.lines += [
                 "| method | " + " | ".join(configs) + " |",
                 "|---" * (len(configs) + 1) + "|",
@@ -265,15 +304,77 @@ class ReportWriter:
             "noisy on a shared machine. Mean ± sample std over seeds (seeds: finished/planned). "
             "fedit@r_max / fedit@r_min: every client at the configuration's largest / smallest "
             "rank. flora merges each round's update into the base weights: its energy, "
-            "effective rank and norm are those of the last round's update.",
+            "effective rank and norm are those of the last round's update. Under each table: "
+            f"final accuracy's mean and {LEVEL:.0%} t-interval over seeds, and each method's "
+            "paired difference to raflora (method − raflora over the seeds both finished: "
+            "same data split, client ranks, initialisation and sampling) with its CI; "
+            "better / worse (the method relative to raflora) when that CI excludes 0, "
+            "undecided otherwise.",
             "",
         ]
+
+    def verdict_lines(self) -> list[str]:
+        """The claims table (when any claim can be judged) and the headroom table."""
+        name = self.plan.suite.suite.name
+        lines: list[str] = []
+        judged = verdict.claims(self.data, self.roles)
+        if any(claim.verdict != "not assessed" for claim in judged):
+            lines += [
+                f"### Verdict on the seed paper's claims (suite `{name}`)",
+                "",
+                "Generated from the runs' metrics by `raflora experiment` "
+                "(src/raflora/experiments/verdict.py). Each claim is a set of paired "
+                f"comparisons (same seed: data split, client ranks, initialisation, sampling), "
+                f"each a {LEVEL:.0%} t-interval of the per-seed differences, oriented so that "
+                "> 0 supports the claim: reproduced = every CI above 0; not reproduced = some "
+                "CI below 0; undecided = otherwise; no correction for multiple comparisons. "
+                "Numbers: mean difference [CI] and seeds n, or, for many comparisons, the "
+                "counts and the range of mean differences per baseline "
+                "(supporting/undecided/contradicting).",
+                "",
+                "| claim | verdict | what is compared | numbers |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c.name} | **{c.verdict}** | {c.statement} | {c.numbers} |" for c in judged
+            ]
+            lines.append("")
+        rows = verdict.headroom(self.data, self.roles)
+        if rows:
+            lines += [
+                f"### Headroom check (suite `{name}`): fedit@r_max − fedit@r_min",
+                "",
+                "Does the task reward rank? Final test accuracy of the homogeneous references "
+                f"(every client at r_max, or at r_min), mean [{LEVEL:.0%} CI] over seeds, and "
+                "their paired difference; headroom = the CI of the difference lies above 0.",
+                "",
+                "| setting | fedit@r_max | fedit@r_min | r_max − r_min (paired) | pairs "
+                "| headroom |",
+                "|---|---|---|---|---|---|",
+            ]
+            for row in rows:
+                cells = [
+                    row.r_max.text() if row.r_max else "–",
+                    row.r_min.text() if row.r_min else "–",
+                    row.diff.text(signed=True) if row.diff else "–",
+                    str(row.diff.n) if row.diff else "0",
+                ]
+                lines.append(f"| {row.where} | " + " | ".join(cells) + f" | {row.flag} |")
+            lines.append("")
+        return lines
 
     def write(self, command: str | None = None) -> Path:
         if self.plots.is_dir():
             shutil.rmtree(self.plots)
         self.lines = []
         self.header(command)
+        summary = self.verdict_lines()
+        self.lines += summary
+        target = self.suite_dir / VERDICT
+        if summary:
+            target.write_text("\n".join(summary).rstrip() + "\n")
+        elif target.is_file():
+            target.unlink()
         self.notes()
         for setting, by_method in group_cells(self.plan).items():
             self.setting_section(setting, by_method)
@@ -286,32 +387,49 @@ class ReportWriter:
 
 
 def write_report(plan: Plan, suite_dir: Path, command: str | None = None) -> Path:
-    """Write ``<suite_dir>/report.md`` and ``plots/``; returns the report's path."""
+    """Write ``<suite_dir>/report.md`` and ``plots/`` (and ``verdict.md``: the claims and
+    headroom tables alone, when there are any); returns the report's path."""
     return ReportWriter(plan, suite_dir).write(command)
 
 
-def splice_into(document: Path, report: Path, name: str) -> list[Path]:
+def _after_title(text: str, block: str) -> str:
+    """``block`` inserted after the document's first ``# `` title line (at the start if none)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("# "):
+            head, tail = "".join(lines[: i + 1]), "".join(lines[i + 1 :]).lstrip("\n")
+            return f"{head}\n{block}\n\n{tail}"
+    return f"{block}\n\n{text}"
+
+
+def splice_into(
+    document: Path, report: Path, name: str, *, plots: bool = True, top: bool = False
+) -> list[Path]:
     """Put ``report`` into ``document`` between ``<!-- BEGIN raflora experiment NAME -->`` and
-    ``<!-- END … -->`` (appended if the markers are absent), with its plots copied to
-    ``img/results_NAME_*.png`` next to the document. Returns the copied images."""
+    ``<!-- END … -->``. Without the markers the block is appended (``top``: inserted after the
+    title). With ``plots`` the report's plots are copied to ``img/results_NAME_*.png`` next to
+    the document. Returns the copied images."""
     document, report = Path(document), Path(report)
     begin = f"<!-- BEGIN raflora experiment {name} (generated: do not edit) -->"
     end = f"<!-- END raflora experiment {name} -->"
-    images = document.parent / "img"
-    images.mkdir(parents=True, exist_ok=True)
     copied = []
-    for old in images.glob(f"results_{name}_*.png"):
-        old.unlink()
-    for plot in sorted((report.parent / "plots").glob("*.png")):
-        target = images / f"results_{name}_{plot.name}"
-        shutil.copyfile(plot, target)
-        copied.append(target)
+    if plots:
+        images = document.parent / "img"
+        images.mkdir(parents=True, exist_ok=True)
+        for old in images.glob(f"results_{name}_*.png"):
+            old.unlink()
+        for plot in sorted((report.parent / "plots").glob("*.png")):
+            target = images / f"results_{name}_{plot.name}"
+            shutil.copyfile(plot, target)
+            copied.append(target)
     body = report.read_text().replace("](plots/", f"](img/results_{name}_")
     block = f"{begin}\n{body.rstrip()}\n{end}"
     text = document.read_text() if document.is_file() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
+    elif top:
+        text = _after_title(text, block)
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     document.write_text(text)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from raflora.experiments.suite import Cell, Plan
+from raflora.experiments.suite import Cell, Plan, SuiteError
 
 METRICS = (
     "final_accuracy",
@@ -170,4 +170,29 @@ def group_cells(plan: Plan, grid: str | None = None) -> dict[tuple, dict[str, li
             cells = out.setdefault(cell.setting, {}).setdefault(cell.method, [])
             if all(c.run_id != cell.run_id for c in cells):
                 cells.append(cell)
+    return out
+
+
+SeedMetrics = dict[tuple, dict[str, dict[int, dict[str, Any]]]]
+
+
+def seed_metrics(plan: Plan, results: dict[str, RunResult], grid: str | None = None) -> SeedMetrics:
+    """``{setting: {method label: {seed: run_metrics}}}`` of the finished runs of one grid (or
+    all grids): what the paired statistics work on. A seed's metrics use the setting's rank
+    partitions (`run_metrics`), so a shared fedit@r_max run is re-binned per setting."""
+    out: SeedMetrics = {}
+    for setting, by_method in group_cells(plan, grid).items():
+        bounds = bounds_of(plan.suite.rank_configs[setting[0]])
+        for method, cells in by_method.items():
+            seeds = out.setdefault(setting, {}).setdefault(method, {})
+            runs: dict[int, str] = {}
+            for cell in cells:
+                if runs.setdefault(cell.seed, cell.run_id) != cell.run_id:
+                    raise SuiteError(
+                        f"grids put two different runs ({runs[cell.seed]}, {cell.run_id}) in "
+                        f"one table cell ({method}, {cell.rank_config}, seed {cell.seed}): give "
+                        f"the grids different rank-configuration names, α or fractions"
+                    )
+                if cell.run_id in results:
+                    seeds[cell.seed] = run_metrics(results[cell.run_id], bounds)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from raflora.training.data import shipped
+from raflora.training.data import planted, shipped
 from raflora.training.data.files import Fields, read_source
 from raflora.training.data.rows import LABEL, choice_examples, classification_examples
 from raflora.training.data.types import KINDS, Example, TaskData, stratified_split, subsample, take
@@ -21,6 +21,8 @@ def _kind(task: str) -> str:
 
 
 def _names(name_or_path: str) -> list[str]:
+    if str(name_or_path).startswith(planted.PREFIX):  # one task; its spec holds commas
+        return [str(name_or_path)]
     parts = [part.strip() for part in str(name_or_path).split(",") if part.strip()]
     if not parts:
         raise ValueError("data.name is empty")
@@ -113,8 +115,9 @@ def load_task_data(
     ``name_or_path`` is a shipped name (`shipped.shipped_names()`: ``rotten_tomatoes``, ``sst2``,
     ``rte``, ``mrpc``, ``boolq``, ``piqa``, ``siqa``, ``winogrande``, ``hellaswag``,
     ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``csqa``, ``mnist5k``, the group
-    ``commonsense`` = the first eight multiple-choice tasks), a comma-separated mixture of
-    multiple-choice tasks, or a path: a .jsonl / .csv / .parquet file or a folder with
+    ``commonsense`` = the first eight multiple-choice tasks), a planted-rank teacher task
+    (``planted:rank=32,classes=8``, see `raflora.training.data.planted`), a comma-separated
+    mixture of multiple-choice tasks, or a path: a .jsonl / .csv / .parquet file or a folder with
     ``train.*`` and ``test.*`` (or ``validation.*``), or an HF save-to-disk folder. ``task`` is
     the data kind or the model task (``causal-lm`` → ``multiple-choice``). Data without its own
     test split is split seeded and stratified (``test_fraction``). ``train_size`` /
@@ -136,6 +139,8 @@ def load_task_data(
                     "data.labels is for data files: drop it"
                 )
             loaded = loaders[name](seed, test_fraction)
+        elif name.startswith(planted.PREFIX):
+            loaded = planted.load_planted(name, seed, test_fraction)
         else:
             loaded = _general(
                 Path(name).expanduser(), kind, seed, test_fraction, fields, num_labels, labels
