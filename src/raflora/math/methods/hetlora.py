@@ -32,7 +32,7 @@ from torch import Tensor
 from raflora.math._arrays import Clients, validate_pair
 from raflora.math.lowrank import _frobenius
 from raflora.math.methods._common import padded_average, per_client
-from raflora.math.methods.registry import Factors, Method, PenaltyFn, register
+from raflora.math.methods.registry import Factors, Method, PenaltyFn, register_with_svd_variant
 
 
 def _number(name: str, value: Any, low: float, high: float | None = None) -> float:
@@ -125,21 +125,18 @@ PAPER = (
     "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
 )
 WIRE = "down Σ_k r_k (m + n), up Σ_k r'_k (m + n) (r'_k ≤ r_k after pruning)"
-for _name, _allocation, _summary in (
-    ("hetlora", "slice", "HetLoRA (Cho et al. 2024): norm-weighted padding, self-pruning, slices"),
-    ("hetlora_svd", "svd", "HetLoRA aggregate and client hooks with SVD allocation"),
-):
-    register(
-        Method(
-            name=_name,
-            summary=_summary,
-            paper=PAPER,
-            aggregate=hetlora,
-            allocation=_allocation,
-            ranks_may_shrink=True,
-            options=HetloraOptions,
-            penalty=penalty,
-            prune=prune,
-            wire=WIRE,
-        )
-    )
+register_with_svd_variant(
+    Method(
+        name="hetlora",
+        summary="HetLoRA (Cho et al. 2024): norm-weighted padding, self-pruning, slices",
+        paper=PAPER,
+        aggregate=hetlora,
+        allocation="slice",
+        ranks_may_shrink=True,
+        options=HetloraOptions,
+        penalty=penalty,
+        prune=prune,
+        wire=WIRE,
+    ),
+    "HetLoRA aggregate and client hooks with SVD allocation",
+)

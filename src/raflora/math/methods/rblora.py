@@ -14,7 +14,7 @@ from torch import Tensor
 
 from raflora.math._arrays import Clients
 from raflora.math.methods._common import padded_average, renormalised
-from raflora.math.methods.registry import Method, register
+from raflora.math.methods.registry import Method, register_with_svd_variant
 
 
 def rblora(c: Clients, _: None) -> tuple[Tensor, Tensor]:
@@ -26,7 +26,7 @@ def rblora(c: Clients, _: None) -> tuple[Tensor, Tensor]:
 
 PAPER = "RB-LoRA: rank-balanced aggregation of heterogeneous LoRA, EACL 2026 Findings"
 WIRE = "down Σ_k r_k (m + n), up Σ_k r_k (m + n)"
-register(
+register_with_svd_variant(
     Method(
         name="rblora",
         summary="RB-LoRA: padded average, index j over the clients with r_k > j; slice allocation",
@@ -34,15 +34,6 @@ register(
         aggregate=rblora,
         allocation="slice",
         wire=WIRE,
-    )
-)
-register(
-    Method(
-        name="rblora_svd",
-        summary="RB-LoRA aggregate with SVD allocation (best rank-r_k truncation of B̄ Ā)",
-        paper=PAPER,
-        aggregate=rblora,
-        allocation="svd",
-        wire=WIRE,
-    )
+    ),
+    "RB-LoRA aggregate with SVD allocation (best rank-r_k truncation of B̄ Ā)",
 )

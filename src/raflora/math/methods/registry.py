@@ -132,6 +132,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def register_with_svd_variant(method: Method, svd_summary: str) -> Method:
+    """Register a slice-allocated factor-averaging ``method`` and ``<name>_svd``: the same
+    aggregate, options and client hooks, but clients get the best rank-r truncation of the
+    kept ``B̄ Ā`` (the "SVD-based allocation" the raFLoRA paper compares against)."""
+    register(method)
+    variant = dataclasses.replace(
+        method, name=f"{method.name}_svd", allocation="svd", summary=svd_summary
+    )
+    return register(variant)
+
+
 def available_methods() -> list[str]:
     """Names of the registered aggregation methods, sorted."""
     return sorted(_REGISTRY)
@@ -191,5 +202,3 @@ def stacked_columns(method: str, clients: Clients, options: Any) -> list[list[fl
     B = [B_1 diag(q_1) …], A = [A_1; …], or None when the method does not stack that way."""
     columns = get_method(method).columns
     return None if columns is None else columns(clients, options)
-
-

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from raflora.math._arrays import Clients
 from raflora.math.methods._common import padded_average, per_client
-from raflora.math.methods.registry import Method, register
+from raflora.math.methods.registry import Method, register_with_svd_variant
 
 
 def zeropad(c: Clients, _: None) -> tuple[Tensor, Tensor]:
@@ -27,7 +27,7 @@ PAPER = (
     "EMNLP 2024 (zero-padding baseline)"
 )
 WIRE = "down Σ_k r_k (m + n), up Σ_k r_k (m + n)"
-register(
+register_with_svd_variant(
     Method(
         name="zeropad",
         summary="Zero-padding: pad to r_max, average B and A; clients get the leading slices",
@@ -35,15 +35,6 @@ register(
         aggregate=zeropad,
         allocation="slice",
         wire=WIRE,
-    )
-)
-register(
-    Method(
-        name="zeropad_svd",
-        summary="Zero-padding aggregate with SVD allocation (best rank-r_k truncation of B̄ Ā)",
-        paper=PAPER,
-        aggregate=zeropad,
-        allocation="svd",
-        wire=WIRE,
-    )
+    ),
+    "Zero-padding aggregate with SVD allocation (best rank-r_k truncation of B̄ Ā)",
 )
