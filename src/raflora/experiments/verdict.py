@@ -67,12 +67,14 @@ def roles_of(suite: Any) -> Roles:
     baselines, suppressing = [], []
     for label in labels:
         variant = suite.variant(label)
-        if variant.ranks != "config" or variant.method in ("raflora", "fedit"):
+        method = get_method(variant.method)
+        # the method under test, and references that cannot run heterogeneous ranks
+        if variant.ranks != "config" or variant.method == REFERENCE or method.equal_ranks:
             continue
         if label in CONTROLS or variant.method in CONTROLS:
             continue
         baselines.append(label)
-        if get_method(variant.method).retention == "c_i":
+        if method.retention == "c_i":
             suppressing.append(label)
     return Roles(tuple(baselines), tuple(suppressing), dict(suite.rank_configs))
 
