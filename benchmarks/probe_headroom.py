@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from raflora.training.data import TextExample, encode_examples
-from raflora.training.data.planted import balanced_argmax, planted_update
+from raflora.training.data.planted import balanced_argmax, planted_update, pooled_features
 from raflora.training.data.shipped import rotten_tomatoes
 from raflora.training.local import evaluate, train_local
 from raflora.training.models import build_lora_model, load_base_model
@@ -50,24 +50,6 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--maxlen", type=int, default=32)
     p.add_argument("--out", default=None, help="append the JSON report to this file (JSON lines)")
     return p.parse_args()
-
-
-def pooled(model: torch.nn.Module, tokenizer, texts: list[str], maxlen: int) -> np.ndarray:
-    """(N, d) inputs of the classification head."""
-    got: list[torch.Tensor] = []
-    hook = model.classifier.register_forward_hook(lambda m, i, o: got.append(i[0].detach()))
-    with torch.no_grad():
-        for s in range(0, len(texts), 64):
-            x = tokenizer(
-                texts[s : s + 64],
-                padding=True,
-                truncation=True,
-                max_length=maxlen,
-                return_tensors="pt",
-            )
-            model(**x)
-    hook.remove()
-    return torch.cat(got).double().numpy()
 
 
 def linear_probe(x: np.ndarray, y: np.ndarray, ntrain: int, classes: int) -> float:
@@ -96,7 +78,8 @@ def main() -> None:
     for name, module in teacher.named_modules():
         if name.endswith(("attention.self.query", "attention.self.value")):
             module.weight.data += planted_update(module.weight, a.rho, a.gamma, generator)
-    fb, ft = pooled(base, tok, texts, a.maxlen), pooled(teacher, tok, texts, a.maxlen)
+    fb = pooled_features(base, tok, texts, a.maxlen)
+    ft = pooled_features(teacher, tok, texts, a.maxlen)
     d = ft - fb if a.mode == "diff" else ft
     d = d - d[: a.ntrain].mean(0)
     change = np.linalg.svd(ft[: a.ntrain] - fb[: a.ntrain], compute_uv=False) ** 2

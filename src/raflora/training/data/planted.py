@@ -147,7 +147,7 @@ def _sentences(spec: PlantedSpec) -> list[str]:
     return [texts[i] for i in np.sort(keep)]
 
 
-def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int):
+def pooled_features(model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int):
     """(N, d) inputs of the classification head (pooled features), eval mode, no grad."""
     head = getattr(model, "classifier", None) or getattr(model, "score", None)
     if head is None:
@@ -187,9 +187,9 @@ def teacher_labels(spec: PlantedSpec, texts: list[str], run_seed: int = 0) -> np
     for name, module in sorted(teacher.named_modules()):
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
             module.weight.data += planted_update(module.weight, spec.rank, spec.scale, generator)
-    features = _pooled(teacher, tokenizer, texts, spec.max_length)
+    features = pooled_features(teacher, tokenizer, texts, spec.max_length)
     if spec.labels == "diff":
-        features = features - _pooled(base, tokenizer, texts, spec.max_length)
+        features = features - pooled_features(base, tokenizer, texts, spec.max_length)
     features = features - features.mean(0)
     if spec.readout == "head":
         head = getattr(base, "classifier", None) or getattr(base, "score", None)
