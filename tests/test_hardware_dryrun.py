@@ -64,6 +64,15 @@ def test_predicted_bytes_are_the_runs_bytes(tiny_bert_dir: Path, tmp_path: Path)
     assert steady["bytes_sent"] + steady["bytes_received"] == found["bytes_per_round"]
     assert found["ranks"] == [2, 4, 8]
     assert found["target_modules"]["shapes"] == ["32x32"]
+    assert found["bytes_exact"] is True  # raflora: the adapter wire
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex", "ffa_lora"])
+def test_dry_run_says_when_its_bytes_are_an_estimate(tiny_bert_dir: Path, method: str) -> None:
+    """Merged rounds, FedEx's residual and FFA-LoRA's B-only messages are not the adapter wire
+    the dry run counts: it says so and names the method's own formula."""
+    found = dry_run(tiny_config(tiny_bert_dir, f"federation.method={method}"))
+    assert found["bytes_exact"] is False and found["wire"]
     assert sum(found["data"]["client_sizes"]) == found["data"]["train"] == 120
 
 

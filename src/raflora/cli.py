@@ -162,7 +162,13 @@ def _dry_run(cfg: Config) -> None:
         "parameters per unit rank",
         f"ranks      {found['ranks']} (all ≤ the smallest target width)",
         f"bytes      {found['bytes_per_round']:,} per round ({found['sampled_per_round']} "
-        "clients sampled, factors and heads both ways)",
+        "clients sampled, factors and heads both ways)"
+        + (
+            ""
+            if found["bytes_exact"]
+            else f"; an estimate: {cfg.federation.method} sends {found['wire']} floats per "
+            "module (README, method table)"
+        ),
         "memory     per client, weights + LoRA training state (activations not included): "
         + ", ".join(f"{mb:,.0f} MB" for mb in found["memory_mb"]),
         f"ok: {cfg.run.name} would run {cfg.federation.rounds} rounds of "

@@ -114,6 +114,14 @@ def payload_bytes(
     return int(msg.pack(lora=lora, dense=heads).count_bytes())
 
 
+def _adapter_wire(config: Config) -> bool:
+    """Whether a round's messages are exactly each client's rank-r_k factors both ways (no
+    merged rounds, residual or B-only factors on the wire)."""
+    method = task.method_options(config)[0]
+    merges = config.federation.apply_mode == "merge" or method.residual is not None
+    return not merges and not method.frozen_a
+
+
 def dry_run(config: Config) -> dict[str, Any]:
     """Every check of the module docstring; returns what it found (JSON-ready)."""
     try:
@@ -159,9 +167,7 @@ def dry_run(config: Config) -> dict[str, Any]:
     )
     itemsize = torch.empty((), dtype=getattr(torch, config.model.dtype)).element_size()
     base_params = sum(p.numel() for p in model.parameters())
-    memory = [
-        (base_params * itemsize + 16 * (rank * per_rank + dense)) / 2**20 for rank in ranks
-    ]
+    memory = [(base_params * itemsize + 16 * (rank * per_rank + dense)) / 2**20 for rank in ranks]
     widths = sorted({(m, n) for m, n in layers.values()})
     return {
         "model": {
@@ -192,5 +198,9 @@ def dry_run(config: Config) -> dict[str, Any]:
         "dense_params": dense,
         "sampled_per_round": sampled,
         "bytes_per_round": per_round,
+        # the count above is the adapter wire's (each client's rank-r_k factors both ways);
+        # exact for methods that send nothing else, an estimate for the others
+        "bytes_exact": _adapter_wire(config),
+        "wire": task.method_options(config)[0].wire,
         "memory_mb": memory,
     }
