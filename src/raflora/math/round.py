@@ -359,11 +359,6 @@ class RoundSettings:
         )
 
 
-def aggregate_module(settings: RoundSettings, factors: list[Factors], weights: list[float]):
-    """The method's global factors (B (m, R), A (R, n)) of one module, as numpy arrays."""
-    return aggregate_with_residual(settings, factors, weights)[0]
-
-
 def aggregate_with_residual(
     settings: RoundSettings, factors: list[Factors], weights: list[float]
 ) -> tuple[Factors, Factors | None]:
