@@ -215,3 +215,29 @@ def test_smollm2_converts_once_and_reloads_fast() -> None:
         next_token = model(**batch).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_token)
     print(f"SmolLM2-135M load from cache: {seconds:.2f} s")
+
+
+def test_frozen_head_keeps_its_initial_weights_and_is_not_federated(tiny_bert_dir) -> None:
+    """freeze_heads: after local training the head is bit-identical, the LoRA factors moved, and
+    the head is no longer among the dense parameters a client sends."""
+    import copy
+
+    from raflora.training.data import TextExample, encode_examples
+    from raflora.training.factors import get_dense_trainables, get_factors
+    from raflora.training.local import train_local
+    from raflora.training.models import build_lora_model, freeze_heads, load_base_model
+
+    base, tokenizer = load_base_model(str(tiny_bert_dir), "classification", num_labels=2, seed=0)
+    model = build_lora_model(copy.deepcopy(base), 2, 8.0, ["query", "value"], seed=0)
+    assert set(get_dense_trainables(model)) == {"classifier.weight", "classifier.bias"}
+    assert freeze_heads(model) == 2
+    assert get_dense_trainables(model) == {}
+    head = {k: v.clone() for k, v in model.state_dict().items() if "classifier" in k}
+    before = {k: b.clone() for k, (b, _) in get_factors(model).items()}
+    data = encode_examples(
+        [TextExample("good", 1), TextExample("bad", 0)] * 4, tokenizer=tokenizer, max_length=8
+    )
+    train_local(model, data, steps=3, batch_size=4, lr=1e-2, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in head.items())
+    assert any(not torch.equal(before[k], b) for k, (b, _) in get_factors(model).items())

@@ -70,7 +70,7 @@ def test_planted_task_is_deterministic_cached_and_depends_on_rho(
     other = {ex.text: ex.label for ex in higher.train + higher.test}
     assert other.keys() == label_of.keys() and other != label_of  # another teacher
     # the cache answers without loading a model
-    monkeypatch.setattr(planted, "teacher_labels", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(planted, "teacher_outputs", lambda *a: pytest.fail("recomputed"))
     assert load_task_data(name, task="classification", seed=0).train == data.train
 
 
@@ -86,3 +86,64 @@ def test_head_readout_labels_follow_the_run_seeds_initial_head(
     assert np.bincount(list(labels[1].values()), minlength=3).min() >= 0.7 * 120 / 3
     with pytest.raises(ValueError, match="readout must be 'random' or 'head'"):
         parse_spec("planted:rank=4,readout=mlp")
+
+
+def test_logit_targets_are_the_teachers_own_logits(
+    tiny_bert_dir: Path, raflora_cache: Path
+) -> None:
+    """targets=logits, readout=head: with a vanishing planted update the targets are the base
+    model's own logits (a forward pass of the student's initial model, computed here), and each
+    label is their argmax."""
+    from raflora.training.models import load_base_model
+
+    name = (
+        f"planted:rank=4,classes=5,size=60,readout=head,targets=logits,scale=1e-9,"
+        f"model={tiny_bert_dir},max_length=16"
+    )
+    data = load_task_data(name, task="classification", seed=3)
+    examples = data.train + data.test
+    base, tokenizer = load_base_model(str(tiny_bert_dir), "classification", num_labels=5, seed=3)
+    base.eval()
+    batch = tokenizer(
+        [ex.text for ex in examples], padding=True, truncation=True, max_length=16,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        expected = base(**batch).logits.double().numpy()
+    targets = np.array([ex.target for ex in examples])
+    assert targets.shape == (60, 5)
+    np.testing.assert_allclose(targets, expected, rtol=1e-4, atol=1e-6)
+    assert [ex.label for ex in examples] == targets.argmax(1).tolist()
+    assert "agreement with the teacher" in data.description
+    with pytest.raises(ValueError, match="targets=logits regresses on the teacher's own logits"):
+        parse_spec("planted:rank=4,targets=logits,labels=diff")
+    with pytest.raises(ValueError, match="targets must be 'labels' or 'logits'"):
+        parse_spec("planted:rank=4,targets=soft")
+
+
+def test_logit_targets_train_by_mean_squared_error(tiny_bert_dir: Path) -> None:
+    """batch_loss on a batch with targets is mean_{b,c}(logits − targets)², by hand."""
+    from raflora.training.data import TextExample, encode_examples
+    from raflora.training.local import batch_loss, evaluate
+    from raflora.training.models import load_base_model
+
+    base, tokenizer = load_base_model(str(tiny_bert_dir), "classification", num_labels=3, seed=0)
+    base.eval()
+    rows = [(0.5, -1.0, 2.0), (1.5, 0.0, -0.5)]
+    examples = [
+        TextExample("a fine film", 2, target=rows[0]),
+        TextExample("dull", 0, target=rows[1]),
+    ]
+    data = encode_examples(examples, tokenizer=tokenizer, max_length=16)
+    batch = data.collate([data[0], data[1]])
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = batch_loss(base, batch)
+    by_hand = ((logits.double() - torch.tensor(rows).double()) ** 2).mean()
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
+    assert "targets" in batch  # the loss reads, never removes, the targets
+    scores = evaluate(base, data, batch_size=2)
+    assert scores["loss"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert scores["accuracy"] == ((logits.argmax(1) == torch.tensor([2, 0])).float().mean())
+    with pytest.raises(ValueError, match="mix logit targets and plain labels"):
+        encode_examples([examples[0], TextExample("x", 1)], tokenizer=tokenizer, max_length=16)

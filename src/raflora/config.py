@@ -119,6 +119,10 @@ class ModelSection(_Section):
     """dropout on the LoRA input"""
     max_length: PositiveInt = 64
     """tokens per example (text tasks)"""
+    train_head: bool = True
+    """train and federate a new classification head (`classifier`/`score`) as a dense
+    parameter; false: it stays at its seeded initialisation (the same on every node), so only
+    the LoRA factors learn"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """storage dtype of the frozen base; LoRA factors stay float32 and training autocasts to this
     dtype (float16: CUDA only, with loss scaling)"""

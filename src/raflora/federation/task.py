@@ -38,7 +38,7 @@ from raflora.training import (
 )
 from raflora.training.device import check_quantization, resolve_device, resolve_dtype
 from raflora.training.local import batch_loss
-from raflora.training.models import enable_gradient_checkpointing
+from raflora.training.models import enable_gradient_checkpointing, freeze_heads
 from raflora.training.ranks import base_memory_mb, measure_rank_memory, ranks_within_budgets
 
 
@@ -223,6 +223,8 @@ def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Modu
         dropout=model.lora_dropout,
         seed=seed,
     )
+    if not model.train_head:
+        freeze_heads(peft_model)
     if config.train.gradient_checkpointing:  # acts in train mode only; evaluation is unchanged
         enable_gradient_checkpointing(peft_model)
     return peft_model

@@ -3,7 +3,9 @@
 Data is an encoded dataset from `encode_examples` (shuffled per epoch with the seed and
 batched with its ``collate``) or a plain sequence of ready batches (used in order).
 Losses: the model's own ``loss`` for classification and images; for multiple-choice batches
-(those with ``cont_len``) the mean negative log-likelihood of the gold continuation tokens.
+(those with ``cont_len``) the mean negative log-likelihood of the gold continuation tokens; for
+batches with logit ``targets`` (B, C) (distillation from a teacher) the mean squared error
+``mean_{b,c} (logits_bc − targets_bc)²``.
 """
 
 from __future__ import annotations
@@ -139,7 +141,15 @@ def batch_loss(model: nn.Module, batch: Batch) -> Tensor:
     if "cont_len" in batch:
         logp, count = continuation_logprobs(model, batch)
         return -logp.sum() / count.sum()
+    if "targets" in batch:
+        logits = model(**_inputs(batch)).logits.float()
+        return nn.functional.mse_loss(logits, batch["targets"].float())
     return model(**batch).loss
+
+
+def _inputs(batch: Batch) -> Batch:
+    """The model's inputs: the batch without its labels and logit targets."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "targets")}
 
 
 def _batches(data: Dataset | Sequence[Batch], batch_size: int, seed: int) -> Iterator[Batch]:
@@ -253,9 +263,13 @@ def _evaluate_logits(model: nn.Module, data: Dataset, batch_size: int) -> dict[s
     for start in range(0, len(data), batch_size):
         batch = data.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
         batch = _to(batch, device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()  # (B, num_labels)
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        labels = batch["labels"]
+        logits = model(**_inputs(batch)).logits.float()  # (B, num_labels)
+        if "targets" in batch:  # distillation: the training loss, mean over the C logits
+            squared = (logits - batch["targets"].float()) ** 2
+            loss_sum += float(squared.mean(-1).sum())
+        else:
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     return {
         "loss": loss_sum / len(data),
@@ -291,7 +305,8 @@ def evaluate(
     """Loss and accuracy on an encoded dataset (in order, no gradient, eval mode; under
     ``torch.autocast`` in ``precision`` when it is below float32, as in `train_local`).
 
-    Classification / images: mean cross-entropy and argmax accuracy. Multiple-choice: each
+    Classification / images: mean cross-entropy and argmax accuracy (with logit ``targets``: the
+    mean squared error to them, as in training). Multiple-choice: each
     choice is scored by its continuation log-likelihood; ``accuracy`` picks the best mean
     log-prob per token (length-normalised), ``accuracy_sum`` the best sum; ``loss`` is the gold
     continuation's mean NLL per token; ``accuracy/<task>`` per task when tasks are mixed.

@@ -306,6 +306,18 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
     return [name for name in HEAD_NAMES if name in children]
 
 
+def freeze_heads(peft_model: nn.Module) -> int:
+    """Stop training the task heads (``classifier``/``score``, PEFT's ``modules_to_save``
+    copies included): they keep their seeded initial weights and, no longer trainable, are not
+    federated either. Returns how many parameters were frozen."""
+    frozen = 0
+    for name, param in peft_model.named_parameters():
+        if ".lora_" not in name and any(f"{head}." in name for head in HEAD_NAMES):
+            frozen += param.requires_grad
+            param.requires_grad_(False)
+    return frozen
+
+
 def build_lora_model(
     base: nn.Module,
     rank: int,

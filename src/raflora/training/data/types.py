@@ -12,11 +12,17 @@ KINDS = ("classification", "multiple-choice", "image-classification")
 
 @dataclass(frozen=True)
 class TextExample:
-    """One text (or text pair) with an integer label in ``[0, num_labels)``."""
+    """One text (or text pair) with an integer label in ``[0, num_labels)``.
+
+    ``target`` (optional, ``num_labels`` floats): a teacher's logits to regress on (the
+    planted task's ``targets = logits``); training then minimises the mean squared error to
+    them instead of the cross-entropy, and ``label`` is their argmax.
+    """
 
     text: str
     label: int
     text_pair: str | None = None
+    target: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
