@@ -4,6 +4,7 @@ differences, and the verdict on the paper's claims from hand-made per-seed metri
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -122,23 +123,23 @@ def test_verdicts_follow_the_paired_comparisons() -> None:
     data = {
         UNIFORM: {
             "raflora": runs(
-                {"final_accuracy": [0.80, 0.70, 0.75], "top_rmin_energy": [0.5, 0.6, 0.55]},
+                {"score": [0.80, 0.70, 0.75], "top_rmin_energy": [0.5, 0.6, 0.55]},
                 bytes_per_round=100.0,
             ),
             "flexlora": runs(
-                {"final_accuracy": [0.70, 0.62, 0.67], "top_rmin_energy": [0.9, 0.95, 0.93]},
+                {"score": [0.70, 0.62, 0.67], "top_rmin_energy": [0.9, 0.95, 0.93]},
                 bytes_per_round=100.0,
             ),
             "zeropad": runs(
-                {"final_accuracy": [0.82, 0.66, 0.70], "top_rmin_energy": [0.9, 0.9, 0.9]},
+                {"score": [0.82, 0.66, 0.70], "top_rmin_energy": [0.9, 0.9, 0.9]},
                 bytes_per_round=100.0,
             ),
-            "fedit@r_max": runs({"final_accuracy": [0.85, 0.80, 0.82]}),
-            "fedit@r_min": runs({"final_accuracy": [0.60, 0.58, 0.61]}),
+            "fedit@r_max": runs({"score": [0.85, 0.80, 0.82]}),
+            "fedit@r_min": runs({"score": [0.60, 0.58, 0.61]}),
         },
         SKEWED: {
-            "raflora": runs({"final_accuracy": [0.78, 0.69, 0.74]}, bytes_per_round=80.0),
-            "flexlora": runs({"final_accuracy": [0.60, 0.52, 0.57]}, bytes_per_round=80.0),
+            "raflora": runs({"score": [0.78, 0.69, 0.74]}, bytes_per_round=80.0),
+            "flexlora": runs({"score": [0.60, 0.52, 0.57]}, bytes_per_round=80.0),
         },
         PARTIAL: {
             "flexlora": runs({"top_rmin_energy": [0.95, 0.99, 0.97]}),
@@ -174,10 +175,10 @@ def test_verdicts_follow_the_paired_comparisons() -> None:
 def test_contradicted_missing_and_single_seed_claims() -> None:
     data = {
         UNIFORM: {
-            "raflora": runs({"final_accuracy": [0.6, 0.5, 0.55]}, bytes_per_round=120.0),
-            "flexlora": runs({"final_accuracy": [0.7, 0.62, 0.66]}, bytes_per_round=100.0),
-            "fedit@r_max": runs({"final_accuracy": [0.7]}),
-            "fedit@r_min": runs({"final_accuracy": [0.6]}),
+            "raflora": runs({"score": [0.6, 0.5, 0.55]}, bytes_per_round=120.0),
+            "flexlora": runs({"score": [0.7, 0.62, 0.66]}, bytes_per_round=100.0),
+            "fedit@r_max": runs({"score": [0.7]}),
+            "fedit@r_min": runs({"score": [0.6]}),
         },
         ("homogeneous", None, 1.0): {"raflora": runs({"top_rmin_energy": [1.0]})},
     }
@@ -196,3 +197,25 @@ def test_combine() -> None:
     assert combine(["better", "better"]) == "reproduced"
     assert combine(["better", "undecided"]) == "undecided"
     assert combine(["better", "undecided", "worse"]) == "not reproduced"
+
+
+def test_score_is_accuracy_or_minus_the_loss() -> None:
+    """metric = loss compares −final_loss, so that higher is better for every statistic."""
+    from raflora.experiments.results import RunResult, run_metrics, score
+
+    summary = {"final_accuracy": 0.7, "final_loss": 0.25}
+    assert score(summary) == 0.7 and score(summary, "loss") == -0.25
+    assert score({"final_accuracy": None, "final_loss": None}, "loss") is None
+    result = RunResult("r", summary, history=[])
+    assert run_metrics(result, [2, 4], "loss")["score"] == -0.25
+    # r_max's loss 0.2 vs r_min's 0.3 each seed: headroom of +0.1 in the score
+    lossy = replace(ROLES, metric="loss")
+    data = {
+        UNIFORM: {
+            "fedit@r_max": runs({"score": [-0.2, -0.21, -0.19]}),
+            "fedit@r_min": runs({"score": [-0.3, -0.3, -0.31]}),
+        }
+    }
+    (room,) = headroom(data, lossy)
+    assert room.flag == "yes" and room.diff.mean == pytest.approx(0.1 + 0.01 / 3)
+    assert lossy.score_text == "−(final test loss)" and ROLES.score_text == "final test accuracy"

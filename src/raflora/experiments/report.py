@@ -28,6 +28,7 @@ from raflora.experiments.results import (
     partition_energy,
     retention_series,
     run_metrics,
+    score,
     seed_metrics,
     series,
 )
@@ -109,23 +110,24 @@ class ReportWriter:
             self.lines.append("")
 
     def stats_table(self, setting: tuple, methods: list[str]) -> None:
-        """Final accuracy: mean and 95% CI over seeds, and the paired difference to raflora
-        (same seeds) with its CI and whether the method is better / worse / undecided."""
+        """Final score (accuracy, or −loss): mean and 95% CI over seeds, and the paired
+        difference to raflora (same seeds) with its CI and whether the method is better / worse /
+        undecided."""
         by_method = self.data.get(setting, {})
         reference = by_method.get(verdict.REFERENCE)
         ref, level = verdict.REFERENCE, f"{LEVEL:.0%}"
         self.lines += [
-            f"| method | seeds | final acc (mean [{level} CI]) "
+            f"| method | seeds | {self.roles.score_text} (mean [{level} CI]) "
             f"| Δ vs {ref} (paired, [{level} CI]) | pairs | vs {ref} |",
             "|---|---|---|---|---|---|",
         ]
         for method in methods:
             seeds = by_method.get(method, {})
-            finals = {seed: m.get("final_accuracy") for seed, m in seeds.items()}
+            finals = {seed: m.get("score") for seed, m in seeds.items()}
             ci = mean_ci(finals.values())
             diff_text, pairs, word = "–", "–", "–"
             if reference is not None and method != verdict.REFERENCE:
-                theirs = {seed: m.get("final_accuracy") for seed, m in reference.items()}
+                theirs = {seed: m.get("score") for seed, m in reference.items()}
                 diff = paired_difference(finals, theirs)
                 if diff is not None:
                     diff_text, pairs, word = diff.text(signed=True), str(diff.n), direction(diff)
@@ -185,14 +187,16 @@ class ReportWriter:
             return
         for alpha, fraction in dict.fromkeys((s[1], s[2]) for s in groups):
             alpha_text = "base partition" if alpha is None else f"α = {alpha:g}"
-            title = f"final accuracy vs rank configuration — {alpha_text}, fraction {fraction:g}"
+            what = self.roles.score_text
+            title = f"{what} vs rank configuration — {alpha_text}, fraction {fraction:g}"
             points: dict[str, dict[str, tuple[float, float]]] = {}
             rows: dict[str, dict[str, str]] = {}
             for (rc, a, f), by_method in groups.items():
                 if (a, f) != (alpha, fraction):
                     continue
                 for method, cells in by_method.items():
-                    ci = mean_ci([r.summary.get("final_accuracy") for r in self.runs_of(cells)])
+                    metric = self.plan.suite.suite.metric
+                    ci = mean_ci([score(r.summary, metric) for r in self.runs_of(cells)])
                     rows.setdefault(method, {})[rc] = ci.text() if ci else "–"
                     if ci is not None:
                         half = 0.0 if np.isnan(ci.half) else ci.half
@@ -214,7 +218,7 @@ class ReportWriter:
             if points:
                 slug = setting_slug((grid, alpha, fraction), prefix="sensitivity_")
                 path = figures.plot_sensitivity(points, configs, self.plots / f"{slug}.png", title)
-                self.image(path, "final accuracy vs rank configuration")
+                self.image(path, f"{what} vs rank configuration")
 
     def _retention(self, label: str) -> str | None:
         """The predicted retention of a method label's aggregation (`Method.retention`)."""
@@ -305,7 +309,8 @@ class ReportWriter:
             "fedit@r_max / fedit@r_min: every client at the configuration's largest / smallest "
             "rank. flora merges each round's update into the base weights: its energy, "
             "effective rank and norm are those of the last round's update. Under each table: "
-            f"final accuracy's mean and {LEVEL:.0%} t-interval over seeds, and each method's "
+            f"{self.roles.score_text}'s mean and {LEVEL:.0%} t-interval over seeds (the suite's "
+            "metric; a loss is compared as its negative, so higher is better), and each method's "
             "paired difference to raflora (method − raflora over the seeds both finished: "
             "same data split, client ranks, initialisation and sampling) with its CI; "
             "better / worse (the method relative to raflora) when that CI excludes 0, "
@@ -344,7 +349,8 @@ class ReportWriter:
             lines += [
                 f"### Headroom check (suite `{name}`): fedit@r_max − fedit@r_min",
                 "",
-                "Does the task reward rank? Final test accuracy of the homogeneous references "
+                f"Does the task reward rank? {self.roles.score_text.capitalize()} of the "
+                "homogeneous references "
                 f"(every client at r_max, or at r_min), mean [{LEVEL:.0%} CI] over seeds, and "
                 "their paired difference; headroom = the CI of the difference lies above 0.",
                 "",

@@ -118,10 +118,26 @@ def task_accuracies(result: RunResult) -> dict[str, float]:
     }
 
 
-def run_metrics(result: RunResult, bounds: Sequence[int]) -> dict[str, Any]:
-    """The table's numbers for one run, with top-r_min energy for the setting's ``bounds``."""
+SCORE_LABELS = {"accuracy": "final test accuracy", "loss": "−(final test loss)"}
+
+
+def score(summary: dict[str, Any], metric: str = "accuracy") -> float | None:
+    """The number the statistics compare, higher is better: the final test accuracy, or minus
+    the final test loss (``metric = "loss"``)."""
+    if metric == "accuracy":
+        return summary.get("final_accuracy")
+    loss = summary.get("final_loss")
+    return None if loss is None else -float(loss)
+
+
+def run_metrics(
+    result: RunResult, bounds: Sequence[int], metric: str = "accuracy"
+) -> dict[str, Any]:
+    """The table's numbers for one run, with top-r_min energy for the setting's ``bounds``, and
+    its ``score`` (`score`)."""
     s = result.summary
     out = {key: s.get(key) for key in METRICS}
+    out["score"] = score(s, metric)
     # every round once, also when the run was interrupted and resumed (run.json's wall time
     # covers the last attempt only); model loading and start-up are not included
     seconds = [r.get("seconds") for r in result.history if r["round"] > 0]
@@ -194,5 +210,7 @@ def seed_metrics(plan: Plan, results: dict[str, RunResult], grid: str | None = N
                         f"the grids different rank-configuration names, α or fractions"
                     )
                 if cell.run_id in results:
-                    seeds[cell.seed] = run_metrics(results[cell.run_id], bounds)
+                    seeds[cell.seed] = run_metrics(
+                        results[cell.run_id], bounds, plan.suite.suite.metric
+                    )
     return out

@@ -122,6 +122,9 @@ class SuiteSection(_Model):
     """inprocess: the engine's server + ClientApp in one process; ray: Flower simulation"""
     workers: int = Field(default=1, ge=1)
     """runs at once (separate processes; inprocess only)"""
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    """what the statistics and the verdict compare: final test accuracy, or final test loss
+    (lower is better, compared as its negative: e.g. the planted task's distillation error)"""
 
 
 class PretrainSection(_Model):

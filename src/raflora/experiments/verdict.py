@@ -19,8 +19,11 @@ all of them agree, which is conservative. The claims (seed paper, arXiv 2602.134
   heterogeneous rank configuration;
 - accuracy: raFLoRA improves final test accuracy over the heterogeneous-rank baselines —
   raFLoRA minus each baseline, every setting;
+
+(The "score" compared for accuracy, sensitivity and headroom is the suite's ``metric``: final
+test accuracy, or minus the final test loss, so that higher is better either way.)
 - sensitivity: raFLoRA is less sensitive to the rank configuration — per seed, the spread
-  (max − min) of final accuracy over the rank configurations, baseline minus raFLoRA;
+  (max − min) of the final score over the rank configurations, baseline minus raFLoRA;
 - participation: fewer clients per round worsen the suppression — a c_i method's top-r_min
   energy at the smallest fraction minus at full participation (same seed and rank configuration);
 - communication: raFLoRA sends no more than the baselines — bytes per round of each baseline
@@ -54,6 +57,11 @@ class Roles:
     baselines: tuple[str, ...]  # heterogeneous-rank methods raFLoRA is compared with
     suppressing: tuple[str, ...]  # baselines whose aggregation predicts c_i suppression
     rank_configs: Mapping[str, Sequence[int]]
+    metric: str = "accuracy"  # the suite's: what "score" (higher is better) is
+
+    @property
+    def score_text(self) -> str:
+        return "final test accuracy" if self.metric == "accuracy" else "−(final test loss)"
 
     def heterogeneous(self, setting: Setting) -> bool:
         return len(set(self.rank_configs[setting[0]])) > 1
@@ -76,7 +84,9 @@ def roles_of(suite: Any) -> Roles:
         baselines.append(label)
         if method.retention == "c_i":
             suppressing.append(label)
-    return Roles(tuple(baselines), tuple(suppressing), dict(suite.rank_configs))
+    return Roles(
+        tuple(baselines), tuple(suppressing), dict(suite.rank_configs), suite.suite.metric
+    )
 
 
 @dataclass(frozen=True)
@@ -191,11 +201,11 @@ def accuracy(data: Data, roles: Roles) -> Claim:
         Comparison(where(s), other, diff)
         for s in data
         for other in roles.baselines
-        if (diff := _paired(data, s, REFERENCE, other, "final_accuracy")) is not None
+        if (diff := _paired(data, s, REFERENCE, other, "score")) is not None
     ]
     return _claim(
         "accuracy",
-        "final test accuracy: raFLoRA − baseline > 0",
+        f"{roles.score_text}: raFLoRA − baseline > 0",
         found,
         ".3f",
         "raflora −",
@@ -204,10 +214,10 @@ def accuracy(data: Data, roles: Roles) -> Claim:
 
 
 def _spreads(data: Data, group: Sequence[Setting], label: str, seeds: set[int]) -> dict[int, float]:
-    """Per seed: max − min of final accuracy over the settings of ``group``."""
+    """Per seed: max − min of the score over the settings of ``group``."""
     out = {}
     for seed in seeds:
-        values = [data[s][label][seed].get("final_accuracy") for s in group]
+        values = [data[s][label][seed].get("score") for s in group]
         if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
             out[seed] = max(values) - min(values)
     return out
@@ -236,7 +246,8 @@ def sensitivity(data: Data, roles: Roles) -> Claim:
                 found.append(Comparison(text, other, diff))
     return _claim(
         "sensitivity",
-        "spread (max − min) of final accuracy over rank configurations: baseline − raFLoRA > 0",
+        f"spread (max − min) of {roles.score_text} over rank configurations: "
+        "baseline − raFLoRA > 0",
         found,
         ".3f",
         "Δ spread",
@@ -324,7 +335,7 @@ def claims(data: Data, roles: Roles) -> list[Claim]:
 
 @dataclass(frozen=True)
 class Headroom:
-    """fedit@r_max − fedit@r_min final accuracy in one (α, fraction, r_max, r_min) setting."""
+    """fedit@r_max − fedit@r_min score in one (α, fraction, r_max, r_min) setting."""
 
     where: str
     r_max: Interval | None
@@ -353,7 +364,7 @@ def headroom(data: Data, roles: Roles) -> list[Headroom]:
         seen.add(key)
         alpha = "" if setting[1] is None else f"α {setting[1]:g}, "
         text = f"r {max(ranks)} vs {min(ranks)}, {alpha}f {setting[2]:g}"
-        finals = {m: _values(by_method[m], "final_accuracy") for m in HEADROOM}
+        finals = {m: _values(by_method[m], "score") for m in HEADROOM}
         out.append(
             Headroom(
                 text,
