@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -175,6 +176,11 @@ def summarize(wire: str, run: dict[str, Any], modules: dict[str, tuple[int, int]
                 "bytes_match": entry["bytes_sent"] == down and entry["bytes_received"] == up,
                 "mb_per_s": moved / MB / entry["exchange_seconds"],
                 "client_peak_rss_mb": [c["peak-rss-bytes"] / MB for c in entry["clients"]],
+                # each client's own decode + generate + pack (part of the exchange)
+                "client_work_seconds": [
+                    c["decode-seconds"] + c["generate-seconds"] + c["pack-seconds"]
+                    for c in entry["clients"]
+                ],
             }
         )
     return {
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.layers, args.hidden, args.intermediate = 1, 64, 172
     modules = llama_modules(args.layers, args.hidden, args.intermediate)
+    start_machine = machine()
     results = []
     for wire in args.wire.split(","):
         with tempfile.TemporaryDirectory(prefix="bench_llm_deploy_") as tmp:
@@ -241,7 +248,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in results
         },
     }
-    details = {"machine": machine(), "method": args.method, "ranks": RANKS, "runs": results}
+    details = {
+        "machine": {**start_machine, "load_average_1min_at_end": os.getloadavg()[0]},
+        "method": args.method,
+        "ranks": RANKS,
+        "runs": results,
+    }
     emit(summary, output_path("bench_llm_deploy", args.out, args.quick), details)
     return summary
 
