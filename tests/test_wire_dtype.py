@@ -23,9 +23,15 @@ TINY = {w: float(torch.finfo(t).tiny) for w, t in TORCH.items()}  # smallest nor
 
 
 def round_trip(value: np.ndarray, wire: str) -> np.ndarray:
-    """pack → unpack of one dense tensor in ``wire``."""
+    """pack → Flower's protobuf serialisation of a message and back → unpack, one tensor."""
+    from flwr.app import Message, RecordDict
+
+    from raflora.experiments.inprocess import _wire, task_identity
+
     record = msg.pack(dense={"head.weight": value}, wire_dtype=wire)
-    return msg.unpack(record, wire_dtype=wire)[2]["head.weight"]
+    with task_identity():
+        message = _wire(Message(RecordDict({msg.ARRAYS: record}), 7, "train"))
+    return msg.unpack(message.content[msg.ARRAYS], wire_dtype=wire)[2]["head.weight"]
 
 
 def torch_cast(value: np.ndarray, wire: str) -> np.ndarray:
@@ -126,3 +132,24 @@ def test_a_float16_run_counts_half_the_bytes_and_ends_close_to_float32(
     # the global update's norm: float16 rounding moves it by ~eps(float16), not more
     assert half[-1]["norm"] == pytest.approx(full[-1]["norm"], rel=2.0**-10)
     assert half[-1]["norm"] != full[-1]["norm"]  # the wire did round something
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex", "ffa_lora"])
+def test_merged_rounds_residuals_and_b_only_messages_travel_in_bfloat16(
+    tiny_bert_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """Every other wire shape (merged rounds, FedEx's residual, FFA-LoRA's B alone) in
+    bfloat16: every client's reply is decoded and accepted in both rounds."""
+    config = tiny_config(
+        tiny_bert_dir, f"federation.method={method}", "federation.wire_dtype=bfloat16"
+    )
+    history = run_in_process(config, tmp_path / method, finish=False)["history"]
+    assert [(r["ok"], r["failed"], r["rejected"]) for r in history[1:]] == [(3, 0, 0)] * 2
+    assert all(r["bytes_received"] > 0 for r in history[1:])
+
+
+def test_an_unknown_wire_dtype_is_refused_naming_the_field() -> None:
+    from raflora.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"federation\.wire_dtype"):
+        load_config(None, ["federation.wire_dtype=float64"])
