@@ -78,7 +78,7 @@ def test_llama_7b_payloads_deployed(bench, tmp_path: Path) -> None:
     out = tmp_path / "llm.json"
     summary = bench.main(["--out", str(out)])
     float32, float16 = check(summary, out, ["float32", "float16"])
-    assert float32["reply_bytes_per_rank"][64] > 639_631_360
+    assert float32["reply_bytes_per_rank"]["64"] > 639_631_360
     assert float32["rounds"][0]["bytes_received"] - float16["rounds"][0]["bytes_received"] == (
         2 * 80 * 2_498_560
     )
