@@ -162,7 +162,7 @@ def _dry_run(cfg: Config) -> None:
         "parameters per unit rank",
         f"ranks      {found['ranks']} (all ≤ the smallest target width)",
         f"bytes      {found['bytes_per_round']:,} per round ({found['sampled_per_round']} "
-        "clients sampled, factors and heads both ways)"
+        f"clients sampled, factors and heads both ways in {cfg.federation.wire_dtype})"
         + (
             ""
             if found["bytes_exact"]

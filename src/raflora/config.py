@@ -271,6 +271,9 @@ class FederationSection(_Section):
     """what a client gets of the update merged into its base (flora, fedex, merge mode):
     the factors of each round it has not merged yet, kept in its node state (rounds, the
     papers' protocol), or the whole merged sum as a thin SVD every round (total, stateless)"""
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of every array on the wire, both ways (float16/bfloat16 halve the bytes; decoded
+    to float32 before any math; a value beyond float16's ±65504 is an error, never an inf)"""
     options: dict[str, Any] = {}
     """method options, e.g. {weighting = "energy"} for raflora, {reg_lambda = 0} for hetlora
     (`raflora methods --options`)"""

@@ -97,7 +97,8 @@ def train(message: Message, context: Context) -> Message:
     server_round, rank = int(config[msg.SERVER_ROUND]), int(config[msg.RANK])
     maybe_fail(ctx.config, server_round, ctx.partition_id)
     rows = work.shared_rows(ctx)  # frozen-A methods: B travels alone, both ways
-    payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=rows)
+    wire = ctx.config.federation.wire_dtype
+    payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=rows, wire_dtype=wire)
     merged, through = _merged_update(message, context, payload)
     reply = work.train_round(ctx, server_round, rank, payload.lora, merged, payload.dense)
     factors, new_dense, metrics = hostile_reply(
@@ -105,7 +106,7 @@ def train(message: Message, context: Context) -> Message:
     )
     if through is not None:
         metrics[msg.MERGED_THROUGH] = through
-    arrays = msg.pack(lora=factors, dense=new_dense, frozen_a=rows is not None)
+    arrays = msg.pack(lora=factors, dense=new_dense, frozen_a=rows is not None, wire_dtype=wire)
     content = RecordDict({msg.ARRAYS: arrays, msg.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
@@ -115,7 +116,11 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the global model at this client's rank on its local validation split."""
     ctx = _context(message, context)
     rank = int(message.content[msg.CONFIG][msg.RANK])
-    payload = msg.unpack_payload(message.content[msg.ARRAYS], frozen_a=work.shared_rows(ctx))
+    payload = msg.unpack_payload(
+        message.content[msg.ARRAYS],
+        frozen_a=work.shared_rows(ctx),
+        wire_dtype=ctx.config.federation.wire_dtype,
+    )
     merged, _ = _merged_update(message, context, payload)
     metrics = work.evaluate_round(ctx, rank, payload.lora, merged, payload.dense)
     return Message(RecordDict({msg.METRICS: MetricRecord(metrics)}), reply_to=message)

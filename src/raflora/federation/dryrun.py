@@ -7,8 +7,9 @@ read, so an 8B model costs nothing), the LoRA target modules, every client's ran
 widths of those layers, and then:
 
 - bytes per round (from round 2 on; round 1 sends no LoRA factors): client k receives and
-  returns its rank-r_k factors and the dense trainables (task heads), ``4 · (r_k · P₁ + D)``
-  bytes of float32 each way, P₁ = Σ_layers (m + n), plus Flower's per-array framing: the
+  returns its rank-r_k factors and the dense trainables (task heads), ``s · (r_k · P₁ + D)``
+  bytes each way (s = 4 for ``federation.wire_dtype = "float32"``, 2 for float16 and
+  bfloat16), P₁ = Σ_layers (m + n), plus Flower's per-array framing: the
   number is `messages.pack`'s own count for arrays of those shapes, as the run counts it; a
   round moves that for every sampled client;
 - memory per client (an estimate; a run with ``clients.memory_budgets_mb`` measures instead):
@@ -102,16 +103,20 @@ def dense_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def payload_bytes(
-    layers: dict[str, tuple[int, int]], rank: int, dense: dict[str, tuple[int, ...]]
+    layers: dict[str, tuple[int, int]],
+    rank: int,
+    dense: dict[str, tuple[int, ...]],
+    wire_dtype: str = "float32",
 ) -> int:
     """Bytes of one message carrying rank-``rank`` factors of ``layers`` and the dense
-    tensors, as Flower counts them (`messages.pack`; zeros: nothing is computed)."""
+    tensors in ``wire_dtype``, as Flower counts them (`messages.pack`; zeros: nothing is
+    computed)."""
     lora = {
         name: (np.zeros((m, rank), np.float32), np.zeros((rank, n), np.float32))
         for name, (m, n) in layers.items()
     }
     heads = {name: np.zeros(shape, np.float32) for name, shape in dense.items()}
-    return int(msg.pack(lora=lora, dense=heads).count_bytes())
+    return int(msg.pack(lora=lora, dense=heads, wire_dtype=wire_dtype).count_bytes())
 
 
 def _adapter_wire(config: Config) -> bool:
@@ -160,7 +165,8 @@ def dry_run(config: Config) -> dict[str, Any]:
     per_rank = sum(m + n for m, n in layers.values())
     heads = dense_shapes(model)
     dense = sum(int(np.prod(shape)) for shape in heads.values())
-    bytes_each = [2 * payload_bytes(layers, rank, heads) for rank in ranks]
+    wire = config.federation.wire_dtype
+    bytes_each = [2 * payload_bytes(layers, rank, heads, wire) for rank in ranks]
     sampled = max(1, round(config.federation.fraction_train * len(ranks)))
     per_round = (
         sum(bytes_each) if sampled == len(ranks) else round(sampled * sum(bytes_each) / len(ranks))

@@ -16,6 +16,12 @@ A frozen-A method (FFA-LoRA, ``Method.frozen_a``) sends ``"<module>.lora_B"`` al
 each side rebuilds the shared A from the run seed (``pack(..., frozen_a=True)``, and
 ``unpack(record, frozen_a=rows)`` with ``rows(module, r) -> A (r, n)``).
 
+Every array crosses the wire in ``federation.wire_dtype`` (`to_wire` / `from_wire`): float32
+as is; float16 as numpy float16; bfloat16, which numpy lacks, as the upper 16 bits of each
+float32 (round to nearest even) in a uint16 array. The receiver decodes to float32 before any
+math; a finite value the wire dtype cannot hold (float16 beyond ±65504) is an error on the
+sender's side (`WireRangeError`), never a silent inf.
+
 Scalars travel in a `ConfigRecord` (server → client) and a `MetricRecord` (client → server),
 with the kebab-case keys below.
 """
@@ -60,6 +66,60 @@ MERGED_B, MERGED_A = ".merged_B", ".merged_A"
 DENSE = "dense."
 _ROUND_KEY = re.compile(r"^(?P<name>.+)\.merged_(?P<part>[AB])@(?P<round>[1-9][0-9]*)$")
 
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+# the numpy dtype each wire dtype travels as
+_CARRIER = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+class WireRangeError(ValueError):
+    """A finite value the wire dtype cannot carry (it would arrive as ±inf)."""
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 as uint16: the upper half of each float32, rounded to nearest even
+    (NaN stays a quiet NaN)."""
+    bits = x.view(np.uint32).astype(np.uint64)  # no wrap-around when the rounding carries
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def to_wire(value: np.ndarray, wire_dtype: str, what: str) -> np.ndarray:
+    """``value`` as a C-contiguous array of ``wire_dtype``'s carrier (see the module
+    docstring); raises `WireRangeError` naming ``what`` when a finite value would overflow."""
+    x = np.ascontiguousarray(value, dtype=np.float32)
+    if wire_dtype == "float32":
+        return x
+    if wire_dtype == "float16":
+        with np.errstate(over="ignore"):  # reported below, naming the array
+            out = x.astype(np.float16)
+    elif wire_dtype == "bfloat16":
+        out = _bfloat16_bits(x)
+    else:
+        raise ValueError(f"federation.wire_dtype {wire_dtype!r}: expected one of {WIRE_DTYPES}")
+    overflow = np.isfinite(x) & ~np.isfinite(from_wire(out, wire_dtype, what))
+    if overflow.any():
+        largest = float(np.max(np.abs(x[overflow])))
+        raise WireRangeError(
+            f"{what}: |value| {largest:.4g} overflows federation.wire_dtype = {wire_dtype!r} "
+            f"(it would arrive as inf); set federation.wire_dtype to 'bfloat16' or 'float32'"
+        )
+    return np.ascontiguousarray(out)
+
+
+def from_wire(value: np.ndarray, wire_dtype: str, what: str) -> np.ndarray:
+    """A received array back to float32; a float32 wire passes arrays through unchanged (the
+    validation checks their dtype), the others must arrive in their carrier dtype."""
+    if wire_dtype == "float32":
+        return value
+    if value.dtype != _CARRIER[wire_dtype]:
+        raise MessageFormatError(
+            f"{what}: dtype {value.dtype}, but federation.wire_dtype = {wire_dtype!r} sends "
+            f"{np.dtype(_CARRIER[wire_dtype]).name}"
+        )
+    if wire_dtype == "float16":
+        return value.astype(np.float32)
+    return (value.astype(np.uint32) << 16).view(np.float32)
+
 
 def pack(
     lora: dict[str, Factors] | None = None,
@@ -68,14 +128,15 @@ def pack(
     rounds: dict[int, dict[str, Factors]] | None = None,
     *,
     frozen_a: bool = False,
+    wire_dtype: str = "float32",
 ) -> ArrayRecord:
-    """Put factors and dense tensors into one ArrayRecord (float32, C-contiguous); ``rounds``
-    maps a round t ≥ 1 to the factors it merged, per module; with ``frozen_a`` only the B of
-    each ``lora`` pair (the receiver knows A)."""
+    """Put factors and dense tensors into one ArrayRecord (``wire_dtype``, C-contiguous; see
+    `to_wire`); ``rounds`` maps a round t ≥ 1 to the factors it merged, per module; with
+    ``frozen_a`` only the B of each ``lora`` pair (the receiver knows A)."""
     arrays: dict[str, Array] = {}
 
     def put(key: str, value: np.ndarray) -> None:
-        arrays[key] = Array(np.ascontiguousarray(value, dtype=np.float32))
+        arrays[key] = Array(to_wire(value, wire_dtype, f"array {key!r}"))
 
     groups = ((LORA_B, LORA_A, lora, frozen_a), (MERGED_B, MERGED_A, merged, False))
     for suffix_b, suffix_a, group, b_only in groups:
@@ -122,12 +183,12 @@ def _with_shared_a(name: str, parts: dict[str, np.ndarray], rows: SharedRows) ->
 
 
 def unpack(
-    record: ArrayRecord, frozen_a: SharedRows | None = None
+    record: ArrayRecord, frozen_a: SharedRows | None = None, wire_dtype: str = "float32"
 ) -> tuple[dict[str, Factors], dict[str, Factors], dict[str, np.ndarray]]:
     """Inverse of `pack` without rounds: ``(lora, merged, dense)``; unpaired or unknown keys,
     and per-round merged factors, are errors (`unpack_payload` reads those). With ``frozen_a``
     the lora group must carry B alone, completed with ``frozen_a(module, r)``."""
-    payload = unpack_payload(record, frozen_a)
+    payload = unpack_payload(record, frozen_a, wire_dtype)
     if payload.rounds:
         raise MessageFormatError(
             f"unexpected per-round merged factors (rounds {sorted(payload.rounds)})"
@@ -145,8 +206,11 @@ def _pairs(halves: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, Fac
     return pairs
 
 
-def unpack_payload(record: ArrayRecord, frozen_a: SharedRows | None = None) -> Payload:
-    """Inverse of `pack`; unpaired or unknown keys are errors. With ``frozen_a`` the lora
+def unpack_payload(
+    record: ArrayRecord, frozen_a: SharedRows | None = None, wire_dtype: str = "float32"
+) -> Payload:
+    """Inverse of `pack`; unpaired or unknown keys are errors, and so are arrays not in
+    ``wire_dtype``'s carrier (decoded to float32 here, `from_wire`). With ``frozen_a`` the lora
     group must carry B alone, completed here with ``frozen_a(module, r)`` (the shared A of B's
     rank r)."""
     halves: dict[str, dict[str, dict[str, np.ndarray]]] = {"lora": {}, "merged": {}}
@@ -160,6 +224,7 @@ def unpack_payload(record: ArrayRecord, frozen_a: SharedRows | None = None) -> P
             raise MessageFormatError(
                 f"array {key!r} is not a readable numpy array ({reason})"
             ) from None
+        value = from_wire(value, wire_dtype, f"array {key!r}")
         if match := _ROUND_KEY.match(key):
             halves_of = by_round.setdefault(int(match["round"]), {})
             halves_of.setdefault(match["name"], {})[match["part"]] = value

@@ -193,11 +193,19 @@ class HeteroRankStrategy(Strategy):
             after = self.confirmed.get(partition_id, 0)
             rounds = {t: f for t, f in self.state.merged_rounds.items() if t > after}
             return msg.pack(
-                lora=lora, dense=self.state.dense, rounds=rounds, frozen_a=self.method.frozen_a
+                lora=lora,
+                dense=self.state.dense,
+                rounds=rounds,
+                frozen_a=self.method.frozen_a,
+                wire_dtype=self.config.federation.wire_dtype,
             )
         merged = {name: update.factors() for name, update in self.state.merged.items()}
         return msg.pack(
-            lora=lora, merged=merged, dense=self.state.dense, frozen_a=self.method.frozen_a
+            lora=lora,
+            merged=merged,
+            dense=self.state.dense,
+            frozen_a=self.method.frozen_a,
+            wire_dtype=self.config.federation.wire_dtype,
         )
 
     def _shared_rows(self) -> msg.SharedRows | None:
@@ -273,7 +281,8 @@ class HeteroRankStrategy(Strategy):
             metrics = reply.content.metric_records.get(msg.METRICS)
             if record is None or metrics is None:
                 raise RejectedUpdate("reply lacks its arrays or metrics record")
-            lora, _, dense = msg.unpack(record, frozen_a=self._shared_rows())
+            wire = self.config.federation.wire_dtype
+            lora, _, dense = msg.unpack(record, frozen_a=self._shared_rows(), wire_dtype=wire)
             update, review = check_update(
                 pid,
                 lora,
