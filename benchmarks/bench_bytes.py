@@ -160,7 +160,13 @@ def measure(config: Config, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with task_identity():
         FederatedRun(config, run_dir).main(InProcessGrid(config.clients.num_clients))
-    seconds = time.perf_counter() - start
+    return against_formula(config, run_dir, time.perf_counter() - start)
+
+
+def against_formula(config: Config, run_dir: Path, seconds: float = 0.0) -> dict[str, Any]:
+    """A finished run's bytes per round (metrics.json) next to the formula's, from the module
+    shapes and ranks of its checkpoints (every client must have taken part in every round;
+    used by `measure` and by the deployment tests)."""
     history = json.loads((run_dir / "metrics.json").read_text())[1:]
     folders = [run_dir / "checkpoints" / f"round_{r['round']:03d}" for r in history]
     states = [load_checkpoint(folder)[0] for folder in folders]
