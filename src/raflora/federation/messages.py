@@ -87,7 +87,7 @@ def pack(
     groups = ((LORA_B, LORA_A, lora, frozen_a), (MERGED_B, MERGED_A, merged, False))
     for suffix_b, suffix_a, group, b_only in groups:
         for name, (B, A) in (group or {}).items():
-            if A is None:  # a dense merged update
+            if A is None and group is merged:  # a dense merged update
                 put(name + MERGED_D, B)
                 continue
             put(name + suffix_b, B)
