@@ -130,8 +130,12 @@ def _identity():
         yield
 
 
-def fedex_strategy(residual_wire: str = "factored") -> HeteroRankStrategy:
-    federation = {"method": "fedex", "options": {"residual_wire": residual_wire}}
+def fedex_strategy(residual_wire: str = "factored", wire: str = "rounds") -> HeteroRankStrategy:
+    federation = {
+        "method": "fedex",
+        "options": {"residual_wire": residual_wire},
+        "merged_wire": wire,
+    }
     config = config_from_dict(
         {"clients": {"num_clients": 3, "ranks": RANKS}, "federation": federation}
     )
@@ -300,6 +304,24 @@ def test_a_client_base_is_the_same_from_either_wire() -> None:
         for wire, model in bases.items():
             got = model.get_submodule(name).weight.detach().double().numpy()
             np.testing.assert_allclose(got, want, atol=2e-5, err_msg=wire)
+
+
+def test_the_whole_merged_sum_goes_dense_too() -> None:
+    """``merged_wire = "total"`` with the dense residual: every message carries D_{t-1} =
+    Σ residuals as one m×n array per module."""
+    s = fedex_strategy("dense", wire="total")
+    want = {name: np.zeros((M, N)) for name in MODULES}
+    for t in (1, 2, 3):
+        got = received(list(s.configure_train(t, None, ConfigRecord(), grid=None)))
+        for payload in got.values():
+            assert payload.rounds == {}
+            assert set(payload.merged) == (set(MODULES) if t > 1 else set())
+            for name, (D, none) in payload.merged.items():
+                assert none is None
+                np.testing.assert_allclose(D, want[name], atol=1e-5)
+        s.aggregate_train(t, replies(t, through=0))
+        for name in MODULES:
+            want[name] += ref_round(f64([f[name] for f in client_factors(t)]), SIZES)[2]
 
 
 def test_dense_and_factored_merged_pairs_survive_pack_and_unpack() -> None:
