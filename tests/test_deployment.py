@@ -9,8 +9,10 @@ processes (3 rounds: round 3 sends round 2's residual alone, and the clients mus
 
 Marked slow: every message starts a fresh `flwr-clientapp` process that imports torch,
 transformers and PEFT, so even 2 tiny rounds take about 2 minutes on 2 busy cores (measured
-113-136 s, of which ~25-33 s per round). No fast version: one deployment run costs well over
-40 s; the same protocols run in process in tests/test_bench_bytes.py and tests/test_fedex.py.
+113-136 s, of which ~25-33 s per round; the new methods' runs 110-114 s for 2 rounds and
+197-228 s for FedEx-LoRA's 3, at load average ~11). No fast version: one deployment run costs
+well over 40 s; the same protocols run in process in tests/test_bench_bytes.py and
+tests/test_fedex.py.
 """
 
 from __future__ import annotations
