@@ -15,9 +15,12 @@ Formula, per round t and module (m, n), over the K sampled clients with allocate
 replied ranks r'_k (r'_k = r_k except after HetLoRA's self-pruning): up Σ_k r'_k (m + n) floats;
 down nothing in round 1 (no global update yet), then Σ_k r_k (m + n) (the rank-r_k truncation or
 slices of the kept update; FedIT's (B̄, Ā)), or for FLoRA K copies of the previous round's stack,
-K Σ_k r'_k (m + n); plus the dense head (classifier) both ways, every round. Bytes = 4 per float
-+ the framing of each array (npy header + key). ``formula_*`` are computed here from the run's
-module shapes and ranks (read back from its checkpoints), not from raflora's byte counting.
+K Σ_k r'_k (m + n); FedEx-LoRA adds to each client's slices the previous round's residual,
+factored, (Σ_k r'_k + r'_max)(m + n), or with ``residual_wire = "dense"`` (a variant measured
+as well, under ``variants``) m n; plus the dense head (classifier) both ways, every round.
+Bytes = 4 per float + the framing of each array (npy header + key). ``formula_*`` are computed
+here from the run's module shapes and ranks (read back from its checkpoints), not from raflora's
+byte counting.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ EQUAL_RANK = 8  # FedIT's one rank on the demo config (the others: 2, 4, 8, 16)
 DEMO = ROOT / "examples" / "demo.toml"
 TINY = ROOT / "examples" / "tiny.toml"
 FAST = ["train.local_steps=1", "federation.evaluate_clients=false", "federation.rounds=2"]
+# method options measured besides each method's defaults: (method, overrides)
+VARIANTS = [("fedex", ("federation.options.residual_wire=dense",))]
 
 
 def demo_config(method: str, base: Path = DEMO, *overrides: str) -> Config:
@@ -107,11 +112,12 @@ def formula(
     sent_ranks: list[dict[int, int]],
     replied_ranks: list[dict[int, int]],
     merged_ranks: list[dict[str, int]] | None = None,
+    dense_residual: bool = False,
 ) -> list[dict[str, int]]:
     """Per round t: the bytes the paper's protocol sends down and up (see the docstring), for the
     clients sampled in t with ``sent_ranks[t]`` allocated and ``replied_ranks[t]`` replied;
     ``merged_ranks[t]``: per module, the rank of what round t merged (FLoRIST's threshold
-    decides it)."""
+    decides it); ``dense_residual``: FedEx-LoRA's residual travels as one m×n array."""
     head = sum(array_bytes(msg.DENSE + name, shape) for name, shape in dense.items())
     rule = DOWNLINK[method]
     out = []
@@ -135,7 +141,10 @@ def formula(
             down = sum(
                 factor_bytes(shapes, r, msg.LORA_B, msg.LORA_A) + head for r in sent.values()
             )
-            if rule == "rank+residual":  # [p_k B_k …, −B̄]: Σ r_k + r_max columns
+            if rule == "rank+residual" and dense_residual:  # ΔW_res, m × n
+                key = f"{msg.MERGED_D}@{t}"
+                down += len(sent) * sum(array_bytes(name + key, mn) for name, mn in shapes.items())
+            elif rule == "rank+residual":  # [p_k B_k …, −B̄]: Σ r_k + r_max columns
                 previous = replied_ranks[t - 1].values()
                 residual = sum(previous) + max(previous)
                 down += len(sent) * factor_bytes(shapes, residual, merged_b, merged_a)
@@ -151,7 +160,13 @@ def measure(config: Config, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with task_identity():
         FederatedRun(config, run_dir).main(InProcessGrid(config.clients.num_clients))
-    seconds = time.perf_counter() - start
+    return against_formula(config, run_dir, time.perf_counter() - start)
+
+
+def against_formula(config: Config, run_dir: Path, seconds: float = 0.0) -> dict[str, Any]:
+    """A finished run's bytes per round (metrics.json) next to the formula's, from the module
+    shapes and ranks of its checkpoints (every client must have taken part in every round;
+    used by `measure` and by the deployment tests)."""
     history = json.loads((run_dir / "metrics.json").read_text())[1:]
     folders = [run_dir / "checkpoints" / f"round_{r['round']:03d}" for r in history]
     states = [load_checkpoint(folder)[0] for folder in folders]
@@ -169,7 +184,11 @@ def measure(config: Config, run_dir: Path) -> dict[str, Any]:
         {name: B.shape[1] for name, (B, _) in last.get(t, {}).items()}
         for t in range(1, len(states) + 1)
     ]
-    expected = formula(config.federation.method, shapes, dense, sent, replied, merged_ranks)
+    method, options = task.method_options(config)
+    expected = formula(
+        config.federation.method, shapes, dense, sent, replied, merged_ranks,
+        dense_residual=method.dense_merged(options),
+    )  # fmt: skip
     rounds = [
         {
             "round": record["round"],
@@ -184,6 +203,7 @@ def measure(config: Config, run_dir: Path) -> dict[str, Any]:
     ]
     return {
         "method": config.federation.method,
+        "options": dict(config.federation.options),
         "seconds": seconds,
         "modules": len(shapes),
         "module_shapes": sorted(set(shapes.values())),
@@ -194,6 +214,11 @@ def measure(config: Config, run_dir: Path) -> dict[str, Any]:
             for r in rounds
         ),
     }
+
+
+def label(row: dict[str, Any]) -> str:
+    """A measured row's method, with its options if any (``fedex_residual_wire=dense``)."""
+    return row["method"] + "".join(f"_{k}={v}" for k, v in sorted(row["options"].items()))
 
 
 def main() -> None:
@@ -217,23 +242,30 @@ def main() -> None:
             config = demo_config(method, base, *quick)
             rows.append(measure(config, Path(tmp) / method))
             console.print(f"{method}: {rows[-1]['seconds']:.0f} s")
+        variants = []
+        for method, overrides in VARIANTS:
+            if method in methods:
+                config = demo_config(method, base, *quick, *overrides)
+                variants.append(measure(config, Path(tmp) / f"{method}-variant"))
+                console.print(f"{method} {' '.join(overrides)}: {variants[-1]['seconds']:.0f} s")
     table(
         f"bytes per round, measured ({base.name}, 2 rounds) = formula?",
         ["method", "round", "ranks sent", "ranks replied", "sent", "received", "sent+received",
          "= formula"],
-        [[r["method"], str(x["round"]), str(x["ranks_sent"]), str(x["ranks_received"]),
+        [[label(r), str(x["round"]), str(x["ranks_sent"]), str(x["ranks_received"]),
           f"{x['bytes_sent']:,}", f"{x['bytes_received']:,}",
           f"{x['bytes_sent'] + x['bytes_received']:,}", str(r["matches"])]
-         for r in rows for x in r["rounds"]],
+         for r in rows + variants for x in r["rounds"]],
     )  # fmt: skip
-    summary: dict[str, Any] = {"quick": args.quick, "all_match": all(r["matches"] for r in rows)}
-    for r in rows:
+    everything = rows + variants
+    summary: dict[str, Any] = {
+        "quick": args.quick, "all_match": all(r["matches"] for r in everything)
+    }  # fmt: skip
+    for r in everything:
         for x in r["rounds"]:
-            summary[f"bytes_round{x['round']}_{r['method']}"] = (
-                x["bytes_sent"] + x["bytes_received"]
-            )
+            summary[f"bytes_round{x['round']}_{label(r)}"] = x["bytes_sent"] + x["bytes_received"]
     details = {"machine": machine(), "config": str(base.relative_to(ROOT)), "overrides": FAST,
-               "methods": rows}  # fmt: skip
+               "methods": rows, "variants": variants}  # fmt: skip
     emit(summary, output_path("bench_bytes", args.out, args.quick), details)
 
 

@@ -43,6 +43,14 @@ def test_measured_bytes_equal_the_formula_for_every_method(
         first, second = row["rounds"]
         assert first["ranks_sent"] == ([8, 8, 8] if method == "fedit" else [2, 4, 8])
         assert second["bytes_sent"] > first["bytes_sent"]  # round 2 sends the global update
+    # FedEx-LoRA's dense residual: m n per module instead of (Σ r_k + r_max)(m + n), same ranks
+    (variant,) = saved["variants"]
+    assert variant["method"] == "fedex" and variant["options"] == {"residual_wire": "dense"}
+    assert variant["matches"], variant["rounds"]
+    first, second = variant["rounds"]
+    assert first["bytes_sent"] == rows["fedex"]["rounds"][0]["bytes_sent"]
+    assert second["bytes_sent"] != rows["fedex"]["rounds"][1]["bytes_sent"]
+    assert second["bytes_received"] == rows["fedex"]["rounds"][1]["bytes_received"]
     assert summary["all_match"] is True
     # same ranks, same bytes: the product-averaging methods cost what zero-padding costs
     same = {rows[m]["rounds"][1]["bytes_sent"] for m in ("zeropad", "flexlora", "raflora")}
@@ -78,3 +86,11 @@ def test_readme_method_table_lists_every_method_with_its_recorded_bytes() -> Non
         assert second["bytes_sent"] == second["formula_sent"]
         total = second["bytes_sent"] + second["bytes_received"]
         assert f"{total:,}" in methods[row["method"]][-1], row["method"]
+    for row in recorded["variants"]:  # quoted in the method's row, after its options
+        second = row["rounds"][1]
+        assert second["bytes_sent"] == second["formula_sent"]
+        total = second["bytes_sent"] + second["bytes_received"]
+        cell = methods[row["method"]][-1]
+        for key, value in row["options"].items():
+            assert f"{key} = {value}" in cell, row["options"]
+        assert f"{total:,}" in cell.split(f"{key} = {value}")[1], row["method"]

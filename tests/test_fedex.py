@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+import torch
+from flwr.app import ConfigRecord, MessageType
 
 from helpers.fakegrid import task_identity
 from helpers.replies import train_reply
@@ -129,9 +130,14 @@ def _identity():
         yield
 
 
-def fedex_strategy() -> HeteroRankStrategy:
+def fedex_strategy(residual_wire: str = "factored", wire: str = "rounds") -> HeteroRankStrategy:
+    federation = {
+        "method": "fedex",
+        "options": {"residual_wire": residual_wire},
+        "merged_wire": wire,
+    }
     config = config_from_dict(
-        {"clients": {"num_clients": 3, "ranks": RANKS}, "federation": {"method": "fedex"}}
+        {"clients": {"num_clients": 3, "ranks": RANKS}, "federation": federation}
     )
     head = {"classifier.weight": np.zeros((2, 4), np.float32)}
     s = HeteroRankStrategy(
@@ -196,3 +202,183 @@ def test_two_rounds_through_the_strategy_what_clients_receive_and_bytes() -> Non
         _, _, residual = ref_round(f64([f[name] for f in client_factors(2)]), SIZES)
         Bt, At = got[0].rounds[2][name]
         np.testing.assert_allclose(Bt.astype(np.float64) @ At, residual, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the dense wire
+
+NPY_HEADER = 128  # Flower's count_bytes: per array 4 bytes a float + the npy header + its key
+
+
+def array_bytes(key: str, floats: int) -> int:
+    return 4 * floats + NPY_HEADER + len(key)
+
+
+def base_model(seed: int = 0) -> torch.nn.Module:
+    """Linear layers at the MODULES' names, weight (m, n) = (out, in), like a client's base."""
+    torch.manual_seed(seed)
+    layer = {"0": {"query": torch.nn.Linear(N, M)}, "1": {"value": torch.nn.Linear(N, M)}}
+    return torch.nn.ModuleDict(
+        {"enc": torch.nn.ModuleDict({k: torch.nn.ModuleDict(v) for k, v in layer.items()})}
+    )
+
+
+def run_rounds(residual_wire: str, rounds: int) -> tuple[HeteroRankStrategy, list[dict]]:
+    """``rounds`` rounds through the strategy (clients confirm each merged round); per round
+    what each client received, and the bytes the strategy counted."""
+    s = fedex_strategy(residual_wire)
+    out = []
+    for t in range(1, rounds + 1):
+        sent = list(s.configure_train(t, None, ConfigRecord(), grid=None))
+        out.append({"payloads": received(sent), "bytes": s.current.bytes_sent})
+        s.aggregate_train(t, replies(t, through=t - 1))
+    return s, out
+
+
+def test_the_dense_residual_wire_sends_the_papers_matrix_and_counts_m_n_floats() -> None:
+    """``residual_wire = "dense"``: from round 2 each client gets the previous round's residual
+    as one m×n array per module (the numpy reference's, to float32 rounding), once; its bytes
+    are the factored round's with (Σ r_k + r_max)(m + n) replaced by m n per module."""
+    dense_strategy, dense = run_rounds("dense", 3)
+    factored_strategy, factored = run_rounds("factored", 3)
+    assert dense[0]["bytes"] == factored[0]["bytes"]  # round 1: nothing merged yet
+    R = sum(RANKS) + max(RANKS)
+    for t in (2, 3):
+        for k in range(len(RANKS)):
+            payload = dense[t - 1]["payloads"][k]
+            assert list(payload.rounds) == [t - 1] and payload.merged == {}
+            for name in MODULES:
+                _, _, residual = ref_round(f64([f[name] for f in client_factors(t - 1)]), SIZES)
+                D, none = payload.rounds[t - 1][name]
+                assert none is None and D.shape == (M, N)
+                np.testing.assert_allclose(D, residual, atol=1e-5)
+                # the adapter slices are the factored wire's
+                for got, want in zip(
+                    payload.lora[name], factored[t - 1]["payloads"][k].lora[name], strict=True
+                ):
+                    np.testing.assert_array_equal(got, want)
+        per_client_dense = sum(array_bytes(f"{n}.merged@{t - 1}", M * N) for n in MODULES)
+        per_client_factored = sum(
+            array_bytes(f"{n}.merged_B@{t - 1}", M * R)
+            + array_bytes(f"{n}.merged_A@{t - 1}", R * N)
+            for n in MODULES
+        )
+        slices = sum(
+            array_bytes(f"{n}.lora_B", M * r) + array_bytes(f"{n}.lora_A", r * N)
+            for n in MODULES
+            for r in RANKS
+        )
+        head = array_bytes("dense.classifier.weight", 8)
+        assert dense[t - 1]["bytes"] == slices + 3 * (per_client_dense + head)
+        assert dense[t - 1]["bytes"] - factored[t - 1]["bytes"] == 3 * (
+            per_client_dense - per_client_factored
+        )
+    # the same global state either way (the wire does not change the aggregation)
+    for name in MODULES:
+        a, b = (
+            dense_strategy.state.total_update()[name],
+            factored_strategy.state.total_update()[name],
+        )
+        np.testing.assert_allclose((a.U * a.S) @ a.Vt, (b.U * b.S) @ b.Vt, atol=1e-6)
+
+
+def test_a_client_base_is_the_same_from_either_wire() -> None:
+    """A client that holds round 1 and receives round 2 (`client.merged_factors`, then
+    `merge_into_base`) ends at W_0 + residual_1 + residual_2 (numpy reference) either way."""
+    from raflora.federation.client import merge_into_base, merged_factors
+
+    bases = {}
+    for wire in ("dense", "factored"):
+        _, out = run_rounds(wire, 3)
+        held = {1: out[1]["payloads"][0].rounds[1]}  # kept from round 2's message
+        sent = out[2]["payloads"][0].rounds  # round 3's message: round 2 only
+        merged = merged_factors([1, 2], held, sent, refusal=msg.MISSING_ROUNDS)
+        if wire == "dense":
+            assert all(A is None and D.shape == (M, N) for D, A in merged.values())
+        bases[wire] = base_model()
+        merge_into_base(bases[wire], merged)
+    start = base_model()
+    for name in MODULES:
+        want = start.get_submodule(name).weight.detach().double().numpy()
+        for t in (1, 2):
+            want = want + ref_round(f64([f[name] for f in client_factors(t)]), SIZES)[2]
+        for wire, model in bases.items():
+            got = model.get_submodule(name).weight.detach().double().numpy()
+            np.testing.assert_allclose(got, want, atol=2e-5, err_msg=wire)
+
+
+def test_the_whole_merged_sum_goes_dense_too() -> None:
+    """``merged_wire = "total"`` with the dense residual: every message carries D_{t-1} =
+    Σ residuals as one m×n array per module."""
+    s = fedex_strategy("dense", wire="total")
+    want = {name: np.zeros((M, N)) for name in MODULES}
+    for t in (1, 2, 3):
+        got = received(list(s.configure_train(t, None, ConfigRecord(), grid=None)))
+        for payload in got.values():
+            assert payload.rounds == {}
+            assert set(payload.merged) == (set(MODULES) if t > 1 else set())
+            for name, (D, none) in payload.merged.items():
+                assert none is None
+                np.testing.assert_allclose(D, want[name], atol=1e-5)
+        s.aggregate_train(t, replies(t, through=0))
+        for name in MODULES:
+            want[name] += ref_round(f64([f[name] for f in client_factors(t)]), SIZES)[2]
+
+
+def test_dense_and_factored_merged_pairs_survive_pack_and_unpack() -> None:
+    D = np.arange(M * N, dtype=np.float32).reshape(M, N)
+    B, A = client_factors(1)[0]["enc.0.query"]
+    record = msg.pack(merged={"a.b": (D, None)}, rounds={2: {"a.b": (D, None), "c": (B, A)}})
+    assert sorted(record) == ["a.b.merged", "a.b.merged@2", "c.merged_A@2", "c.merged_B@2"]
+    payload = msg.unpack_payload(record)
+    np.testing.assert_array_equal(payload.merged["a.b"][0], D)
+    assert payload.merged["a.b"][1] is None and payload.rounds[2]["a.b"][1] is None
+    np.testing.assert_array_equal(payload.rounds[2]["c"][1], A)
+    mixed = msg.pack(rounds={2: {"c": (B, A)}})
+    mixed["c.merged@2"] = mixed["c.merged_B@2"]
+    with pytest.raises(msg.MessageFormatError, match="'c'"):
+        msg.unpack_payload(mixed)
+
+
+def test_residual_wire_is_checked() -> None:
+    with pytest.raises(ValueError, match="residual_wire = 'sparse' must be 'factored'"):
+        get_method("fedex").build_options(residual_wire="sparse")
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_whole_runs_with_either_wire_end_at_the_same_model(tiny_bert_dir, tmp_path) -> None:
+    """Three in-process rounds on the tiny BERT through the real ClientApp: the clients keep
+    the dense residuals in their node state and train and evaluate as with the factored wire
+    (same losses to float32 rounding); from round 2 every client receives m n floats per
+    module for the residual of the round before."""
+    from helpers.runs import run_in_process, tiny_config
+    from raflora.federation import client_app
+
+    runs = {}
+    for wire in ("factored", "dense"):
+        config = tiny_config(
+            tiny_bert_dir,
+            "federation.method=fedex",
+            "federation.rounds=3",
+            f"federation.options.residual_wire={wire}",
+        )
+        runs[wire] = run_in_process(config, tmp_path / wire, finish=False)
+    for t in (1, 2, 3):
+        a, b = runs["dense"]["history"][t], runs["factored"]["history"][t]
+        assert a["server_loss"] == pytest.approx(b["server_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    grid = runs["dense"]["grid"]
+    for t in (2, 3):
+        sent = [
+            m
+            for m in grid.sent
+            if m.metadata.group_id == str(t) and m.metadata.message_type == MessageType.TRAIN
+        ]
+        assert len(sent) == 3
+        for message in sent:
+            payload = msg.unpack_payload(message.content[msg.ARRAYS])
+            assert list(payload.rounds) == [t - 1]
+            assert all(A is None and D.shape == (32, 32) for D, A in payload.rounds[t - 1].values())
+            assert len(payload.rounds[t - 1]) == 4  # query, value × 2 layers
+    for context in grid.contexts.values():
+        keys = [k for k in context.state if k.startswith(client_app.STATE_PREFIX)]
+        assert sorted(int(k.rsplit("@", 1)[1]) for k in keys) == [1, 2, 3]

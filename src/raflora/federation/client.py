@@ -37,6 +37,7 @@ from raflora.training import (
 from raflora.training.device import keep_trainables_float32
 
 Factors = tuple[np.ndarray, np.ndarray]
+Merged = tuple[np.ndarray, np.ndarray | None]  # factors (B, A), or (D (m, n), None) dense
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,18 @@ def client_context(config_json: str, partition_id: int, node_rank: int = 0) -> C
     return ClientContext(config, partition_id, base, tokenizer, local, rank, device, precision)
 
 
-def merge_into_base(base: nn.Module, merged: dict[str, Factors]) -> None:
-    """``W ← W + B A`` for each merged module (GPT-2 Conv1D weights are stored transposed)."""
+def merge_into_base(base: nn.Module, merged: dict[str, Merged]) -> None:
+    """``W ← W + B A`` for each merged module, or ``W ← W + D`` for a dense ``(D, None)``
+    (GPT-2 Conv1D weights are stored transposed)."""
     from transformers.pytorch_utils import Conv1D
 
     with torch.no_grad():
         for name, (B, A) in merged.items():
             layer = base.get_submodule(name)
-            delta = torch.from_numpy(np.asarray(B, np.float32) @ np.asarray(A, np.float32))
+            product = np.asarray(B, np.float32)
+            if A is not None:
+                product = product @ np.asarray(A, np.float32)
+            delta = torch.from_numpy(np.ascontiguousarray(product))
             weight = layer.weight
             weight += (delta.T if isinstance(layer, Conv1D) else delta).to(weight)
 
@@ -97,13 +102,14 @@ class MissingMergedRounds(ValueError):
 
 def merged_factors(
     required: list[int],
-    held: dict[int, dict[str, Factors]],
-    sent: dict[int, dict[str, Factors]],
+    held: dict[int, dict[str, Merged]],
+    sent: dict[int, dict[str, Merged]],
     *,
     refusal: str,
-) -> dict[str, Factors]:
+) -> dict[str, Merged]:
     """Everything merged into the base so far, per module, as one pair of stacked factors
-    ``[B_t1 … B_tj] [A_t1; …; A_tj]`` over the ``required`` rounds in order (Σ_t B_t A_t).
+    ``[B_t1 … B_tj] [A_t1; …; A_tj]`` over the ``required`` rounds in order (Σ_t B_t A_t);
+    if any round came dense ``(D_t, None)``, the dense sum ``(Σ_t B_t A_t + Σ_t D_t, None)``.
 
     A round comes from ``held`` (merged before) or else ``sent`` (new in this message);
     raises `MissingMergedRounds` (its message starts with ``refusal``, which the server
@@ -116,13 +122,23 @@ def merged_factors(
         )
     rounds = [held[t] if t in held else sent[t] for t in sorted(required)]
     names = sorted({name for factors in rounds for name in factors})
-    out: dict[str, Factors] = {}
+    out: dict[str, Merged] = {}
     for name in names:
         parts = [factors[name] for factors in rounds if name in factors]
-        out[name] = (
-            np.concatenate([B for B, _ in parts], axis=1),
-            np.concatenate([A for _, A in parts], axis=0),
-        )
+        stacked = [(B, A) for B, A in parts if A is not None]
+        dense = [D for D, A in parts if A is None]
+        if stacked:
+            out[name] = (
+                np.concatenate([B for B, _ in stacked], axis=1),
+                np.concatenate([A for _, A in stacked], axis=0),
+            )
+        if dense:  # (m, n): the dense rounds summed, plus the factored ones' product
+            total = np.array(dense[0], np.float32)
+            for D in dense[1:]:
+                total += D
+            if stacked:
+                total += out[name][0].astype(np.float32) @ out[name][1].astype(np.float32)
+            out[name] = (total, None)
     return out
 
 
@@ -130,7 +146,7 @@ def build_round_model(
     ctx: ClientContext,
     rank: int,
     lora: dict[str, Factors],
-    merged: dict[str, Factors],
+    merged: dict[str, Merged],
     dense: dict[str, np.ndarray],
     seed: int,
 ) -> nn.Module:
@@ -203,7 +219,7 @@ def round_model(
     ctx: ClientContext,
     rank: int,
     lora: dict[str, Factors],
-    merged: dict[str, Factors],
+    merged: dict[str, Merged],
     dense: dict[str, np.ndarray],
     seed: int,
 ) -> nn.Module:
@@ -247,7 +263,7 @@ def train_round(
     server_round: int,
     rank: int,
     lora: dict[str, Factors],
-    merged: dict[str, Factors],
+    merged: dict[str, Merged],
     dense: dict[str, np.ndarray],
 ) -> tuple[dict[str, Factors], dict[str, np.ndarray], dict[str, float]]:
     """Train for one round; returns the folded factors, dense trainables and metrics."""
@@ -287,7 +303,7 @@ def evaluate_round(
     ctx: ClientContext,
     rank: int,
     lora: dict[str, Factors],
-    merged: dict[str, Factors],
+    merged: dict[str, Merged],
     dense: dict[str, np.ndarray],
 ) -> dict[str, float]:
     """Local validation metrics of the global model at this client's rank."""

@@ -10,6 +10,9 @@ Arrays travel in one `ArrayRecord` per message, keyed by
 - ``"<module>.merged_B@<t>"`` / ``"<module>.merged_A@<t>"``: the factors round t merged into
   the base (server → client, ``merged_wire = "rounds"``: the rounds the client has not
   confirmed; the config's ``merged-rounds`` lists every round its base must contain);
+- ``"<module>.merged"`` / ``"<module>.merged@<t>"``: the same updates as one dense ``(m, n)``
+  array each, when the method sends them dense (FedEx-LoRA's ``residual_wire = "dense"``); in
+  a `Payload` such an update is the pair ``(D, None)``;
 - ``"dense.<name>"``: non-LoRA trainables such as a classifier head.
 
 A frozen-A method (FFA-LoRA, ``Method.frozen_a``) sends ``"<module>.lora_B"`` alone, both ways:
@@ -36,6 +39,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 Factors = tuple[np.ndarray, np.ndarray]
+# a merged update: factors (B (m, r), A (r, n)), or (D (m, n), None) sent dense
+Merged = tuple[np.ndarray, np.ndarray | None]
 SharedRows = Callable[[str, int], np.ndarray]  # (module, r) → the shared frozen A (r, n)
 
 # RecordDict keys
@@ -63,8 +68,9 @@ MISSING_ROUNDS = "missing merged rounds"
 
 LORA_B, LORA_A = ".lora_B", ".lora_A"
 MERGED_B, MERGED_A = ".merged_B", ".merged_A"
+MERGED_D = ".merged"  # a dense merged update (m, n)
 DENSE = "dense."
-_ROUND_KEY = re.compile(r"^(?P<name>.+)\.merged_(?P<part>[AB])@(?P<round>[1-9][0-9]*)$")
+_ROUND_KEY = re.compile(r"^(?P<name>.+)\.merged(?:_(?P<part>[AB]))?@(?P<round>[1-9][0-9]*)$")
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 # the numpy dtype each wire dtype travels as
@@ -123,16 +129,17 @@ def from_wire(value: np.ndarray, wire_dtype: str, what: str) -> np.ndarray:
 
 def pack(
     lora: dict[str, Factors] | None = None,
-    merged: dict[str, Factors] | None = None,
+    merged: dict[str, Merged] | None = None,
     dense: dict[str, np.ndarray] | None = None,
-    rounds: dict[int, dict[str, Factors]] | None = None,
+    rounds: dict[int, dict[str, Merged]] | None = None,
     *,
     frozen_a: bool = False,
     wire_dtype: str = "float32",
 ) -> ArrayRecord:
     """Put factors and dense tensors into one ArrayRecord (``wire_dtype``, C-contiguous; see
-    `to_wire`); ``rounds`` maps a round t ≥ 1 to the factors it merged, per module; with
-    ``frozen_a`` only the B of each ``lora`` pair (the receiver knows A)."""
+    `to_wire`); ``rounds`` maps a round t ≥ 1 to the factors it merged, per module; a merged
+    pair ``(D, None)`` goes as the one dense array D (m, n); with ``frozen_a`` only the B of
+    each ``lora`` pair (the receiver knows A)."""
     arrays: dict[str, Array] = {}
 
     def put(key: str, value: np.ndarray) -> None:
@@ -141,6 +148,9 @@ def pack(
     groups = ((LORA_B, LORA_A, lora, frozen_a), (MERGED_B, MERGED_A, merged, False))
     for suffix_b, suffix_a, group, b_only in groups:
         for name, (B, A) in (group or {}).items():
+            if A is None and group is merged:  # a dense merged update
+                put(name + MERGED_D, B)
+                continue
             put(name + suffix_b, B)
             if not b_only:
                 put(name + suffix_a, A)
@@ -148,6 +158,9 @@ def pack(
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"merged round {t!r} must be an integer ≥ 1")
         for name, (B, A) in factors.items():
+            if A is None:
+                put(f"{name}{MERGED_D}@{t}", B)
+                continue
             put(f"{name}{MERGED_B}@{t}", B)
             put(f"{name}{MERGED_A}@{t}", A)
     for name, value in (dense or {}).items():
@@ -164,9 +177,9 @@ class Payload:
     """Everything one ArrayRecord holds (see the module docstring)."""
 
     lora: dict[str, Factors] = field(default_factory=dict)
-    merged: dict[str, Factors] = field(default_factory=dict)
+    merged: dict[str, Merged] = field(default_factory=dict)  # (D, None): sent dense
     dense: dict[str, np.ndarray] = field(default_factory=dict)
-    rounds: dict[int, dict[str, Factors]] = field(default_factory=dict)
+    rounds: dict[int, dict[str, Merged]] = field(default_factory=dict)
 
 
 def _with_shared_a(name: str, parts: dict[str, np.ndarray], rows: SharedRows) -> Factors:
@@ -184,7 +197,7 @@ def _with_shared_a(name: str, parts: dict[str, np.ndarray], rows: SharedRows) ->
 
 def unpack(
     record: ArrayRecord, frozen_a: SharedRows | None = None, wire_dtype: str = "float32"
-) -> tuple[dict[str, Factors], dict[str, Factors], dict[str, np.ndarray]]:
+) -> tuple[dict[str, Factors], dict[str, Merged], dict[str, np.ndarray]]:
     """Inverse of `pack` without rounds: ``(lora, merged, dense)``; unpaired or unknown keys,
     and per-round merged factors, are errors (`unpack_payload` reads those). With ``frozen_a``
     the lora group must carry B alone, completed with ``frozen_a(module, r)``."""
@@ -196,10 +209,14 @@ def unpack(
     return payload.lora, payload.merged, payload.dense
 
 
-def _pairs(halves: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, Factors]:
-    """``{name: (B, A)}`` from ``{name: {"B": …, "A": …}}``; a missing half is an error."""
-    pairs = {}
+def _pairs(halves: dict[str, dict[str, np.ndarray]], what: str) -> dict[str, Merged]:
+    """``{name: (B, A)}`` from ``{name: {"B": …, "A": …}}``, ``(D, None)`` from ``{"D": …}``
+    (a dense merged update); a missing half, or factors and a dense array both, is an error."""
+    pairs: dict[str, Merged] = {}
     for name, parts in halves.items():
+        if set(parts) == {"D"} and parts["D"].ndim == 2:
+            pairs[name] = (parts["D"], None)
+            continue
         if set(parts) != {"A", "B"}:
             raise MessageFormatError(f"module {name!r} has only {sorted(parts)} of its {what}")
         pairs[name] = (parts["B"], parts["A"])
@@ -227,7 +244,10 @@ def unpack_payload(
         value = from_wire(value, wire_dtype, f"array {key!r}")
         if match := _ROUND_KEY.match(key):
             halves_of = by_round.setdefault(int(match["round"]), {})
-            halves_of.setdefault(match["name"], {})[match["part"]] = value
+            halves_of.setdefault(match["name"], {})[match["part"] or "D"] = value
+            continue
+        if key.endswith(MERGED_D):  # a dense merged update (dense trainables never end so)
+            halves["merged"].setdefault(key[: -len(MERGED_D)], {})["D"] = value
             continue
         # factor suffixes first: a module may itself be called "dense" (key "dense.lora_A"),
         # while dense trainables never end in a factor suffix (they exclude LoRA parameters)

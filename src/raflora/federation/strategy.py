@@ -17,7 +17,9 @@ round's factors, once (``federation.merged_wire = "rounds"``, FLoRA's and FedEx-
 the strategy remembers per partition the last merged round the client confirmed (its train
 reply's ``merged-through``) and sends only the later ones; a client that refuses for lack of
 an earlier round gets them all next time. A new server process (a resumed run: a new Flower
-run whose nodes start with an empty state) starts from nothing confirmed.
+run whose nodes start with an empty state) starts from nothing confirmed. A method that sends
+its merged updates dense (``Method.dense_merged``: FedEx-LoRA's ``residual_wire = "dense"``)
+gets each as the one m×n product instead of its factors.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class HeteroRankStrategy(Strategy):
             self.method, dict(fed.options), apply=fed.apply, carry_over=fed.carry_over
         )
         self._frozen_rows: msg.SharedRows | None = None  # frozen-A methods: see _shared_rows
+        # dense_merged methods: the dense products of the merged rounds, per configure call
+        self._dense_rounds: dict[int | None, dict[str, msg.Merged]] = {}
 
     # ------------------------------------------------------------------ nodes and sampling
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
@@ -191,7 +195,9 @@ class HeteroRankStrategy(Strategy):
             self.sent[partition_id] = StartPoint(lora, dict(self.state.dense), size)
         if self._per_round:  # the merged rounds this client has not confirmed
             after = self.confirmed.get(partition_id, 0)
-            rounds = {t: f for t, f in self.state.merged_rounds.items() if t > after}
+            rounds = {
+                t: self._on_wire(t, f) for t, f in self.state.merged_rounds.items() if t > after
+            }
             return msg.pack(
                 lora=lora,
                 dense=self.state.dense,
@@ -199,7 +205,8 @@ class HeteroRankStrategy(Strategy):
                 frozen_a=self.method.frozen_a,
                 wire_dtype=self.config.federation.wire_dtype,
             )
-        merged = {name: update.factors() for name, update in self.state.merged.items()}
+        total = {name: update.factors() for name, update in self.state.merged.items()}
+        merged = self._on_wire(None, total)
         return msg.pack(
             lora=lora,
             merged=merged,
@@ -207,6 +214,19 @@ class HeteroRankStrategy(Strategy):
             frozen_a=self.method.frozen_a,
             wire_dtype=self.config.federation.wire_dtype,
         )
+
+    def _on_wire(self, t: int | None, factors: dict[str, msg.Factors]) -> dict[str, msg.Merged]:
+        """Merged round ``t``'s factors (None: the whole merged update) as they travel: as they
+        are, or for a ``dense_merged`` method the products ``(B A (m, n), None)``, computed
+        once per configure call."""
+        if not self.method.dense_merged(self.settings.options):
+            return dict(factors)
+        if t not in self._dense_rounds:
+            self._dense_rounds[t] = {
+                name: (np.asarray(B, np.float32) @ np.asarray(A, np.float32), None)
+                for name, (B, A) in factors.items()
+            }
+        return self._dense_rounds[t]
 
     def _shared_rows(self) -> msg.SharedRows | None:
         """A frozen-A method's shared A (module, r) → A_0[:r], rebuilt from the run seed for
@@ -241,6 +261,7 @@ class HeteroRankStrategy(Strategy):
         self, server_round: int, config: ConfigRecord, kind: str, pids: list[int]
     ) -> list[Message]:
         out = []
+        self._dense_rounds = {}  # the state changed since the last call
         for pid in pids:
             content = RecordDict(
                 {

@@ -15,12 +15,16 @@ by zero-padding, as the padded average allows). The global model
 average of the clients' own models; a client of rank r < r_max trains from ``W_0 + Σ residual
 + B̄[:, :r] Ā[:r]``, without the columns beyond its rank.
 
-On the wire the residual is sent factored, ``[p_1 B_1 … p_K B_K, −B̄] [A_1; …; A_K; Ā]``,
-of rank ≤ Σ_k r_k + r_max (the paper describes the dense m×n ``ΔW_res``; the factored form is
-the same update in fewer floats whenever Σ_k r_k + r_max < mn / (m + n)). The bytes column
-counts what travels: per sampled client and module, its slice r_k (m + n) and the residual of
-every round it has not merged yet, (Σ_k r_k + r_max)(m + n) each (``federation.merged_wire``).
-Client weights are p_k ∝ n_k like every method here (the paper's code averages uniformly).
+On the wire the residual is sent factored by default (option ``residual_wire = "factored"``),
+``[p_1 B_1 … p_K B_K, −B̄] [A_1; …; A_K; Ā]``, of rank ≤ Σ_k r_k + r_max: per sampled client
+and module its slice r_k (m + n) and the residual of every round it has not merged yet,
+(Σ_k r_k + r_max)(m + n) floats each (``federation.merged_wire``). With ``residual_wire =
+"dense"`` each residual travels as the one m×n array the paper describes (``ΔW_res``; its code
+adds it to the base layer's weight), m n floats per module and round, which the client adds to
+its base weights. Both give the same global model (to float rounding); the factored form is
+fewer floats whenever Σ_k r_k + r_max < mn / (m + n). The README's bytes column counts the
+default, factored form. Client weights are p_k ∝ n_k like every method here (the paper's code
+averages uniformly).
 
 With heterogeneous ranks the exactness is of the aggregate, not of the clients' restart: a
 client of rank r drops the columns (r, r_max] of the adapter when it restarts from its slice,
@@ -30,6 +34,9 @@ so column i of B̄ Ā survives a round only in the share Σ_{r_k ≥ i} p_k (as 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -38,12 +45,32 @@ from raflora.math.methods._common import client_columns, padded_average, per_cli
 from raflora.math.methods.registry import Method, register
 
 
-def fedex(c: Clients, _: None) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class FedExOptions:
+    # how each round's residual reaches the clients: its factors, or the dense m×n matrix
+    residual_wire: Literal["factored", "dense"] = "factored"
+
+    def __post_init__(self) -> None:
+        if self.residual_wire not in ("factored", "dense"):
+            raise ValueError(
+                f"residual_wire = {self.residual_wire!r} must be 'factored' (the residual's "
+                "factors, Σ_k r_k + r_max columns) or 'dense' (the m×n matrix)"
+            )
+
+
+def dense_residual(opts: FedExOptions) -> bool:
+    """Whether the residual travels as the dense m×n matrix."""
+    return opts.residual_wire == "dense"
+
+
+def fedex(c: Clients, _: FedExOptions) -> tuple[Tensor, Tensor]:
     """The global LoRA: (Σ p_k B̃_k (m, r_max), Σ p_k Ã_k (r_max, n)), zero-padded."""
     return padded_average(c, per_client(c, c.p))
 
 
-def fedex_residual(c: Clients, _: None, average: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def fedex_residual(
+    c: Clients, _: FedExOptions, average: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
     """``Σ p_k B_k A_k − B̄ Ā`` as factors ``[p_1 B_1 … p_K B_K, −B̄]`` (m, Σ r_k + r_max),
     ``[A_1; …; A_K; Ā]`` (Σ r_k + r_max, n); ``average`` is (B̄, Ā)."""
     B, A = stacked(c, client_columns(c))  # Σ p_k B_k A_k, (m, Σ r), (Σ r, n)
@@ -62,7 +89,10 @@ register(
         aggregate=fedex,
         allocation="slice",
         residual=fedex_residual,
+        options=FedExOptions,
+        dense_merged=dense_residual,
         wire="down Σ_k r_k (m + n) + K (Σ_k r_k + r_max)(m + n) (slices + the round's residual, "
-        "factored, to each client), up Σ_k r_k (m + n)",
+        "factored, to each client; residual_wire = dense: K m n for the residual), "
+        "up Σ_k r_k (m + n)",
     )
 )

@@ -14,6 +14,9 @@ asks for it by name (PEFT's ``register_peft_method`` pattern):
   clients' mean update, as factors folded into the base weights every round while the
   aggregate stays the adapter (FedEx-LoRA: ``Σ p_k B_k A_k − B̄ Ā``); None: nothing is folded
   (in merge mode the aggregate itself is);
+- ``dense_merged(options)``: whether what a round merges into the base travels to the clients
+  as one dense m×n array per module instead of its factors (FedEx-LoRA's
+  ``residual_wire = "dense"``, the paper's own ``ΔW_res``); default: factored;
 - ``carry_over``: default for keeping the directions (r_sampled, r_max] that no sampled client
   trained (partial participation);
 - ``equal_ranks``: all clients must share one rank; ``ranks_may_shrink``: a client may reply at
@@ -63,6 +66,10 @@ def _no_prune(options: Any, factors: dict[str, Factors]) -> dict[str, Factors]:
     return factors
 
 
+def _factored(options: Any) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything about one aggregation method (see the module docstring)."""
@@ -83,6 +90,7 @@ class Method:
     check: Callable[[Any, Sequence[int]], None] = _no_check
     penalty: Callable[[Any], PenaltyFn | None] = _no_penalty
     prune: Callable[[Any, dict[str, Factors]], dict[str, Factors]] = _no_prune
+    dense_merged: Callable[[Any], bool] = _factored
     code: str = ""  # public code of the paper, if any
     # floats per module per round, summed over the K sampled clients
     wire: str = "down Σ_k r_k (m + n), up Σ_k r_k (m + n)"

@@ -178,19 +178,34 @@ def _encode_choices(examples: Sequence[ChoiceExample], tokenizer: Any, max_lengt
     return ChoiceDataset(items, tokenizer.pad_token_id)
 
 
+def _image_tensor(
+    pixels: np.ndarray, image_size: int | None, num_channels: int
+) -> torch.Tensor:
+    """(N, H, W) grayscale or (N, H, W, C) uint8 → (N, num_channels, S, S) float in [0, 255]."""
+    out = torch.as_tensor(pixels, dtype=torch.float32)
+    out = out[:, None] if out.ndim == 3 else out.permute(0, 3, 1, 2)  # (N, C, H, W)
+    if out.shape[1] != num_channels:
+        if out.shape[1] != 1:
+            raise ValueError(f"images have {out.shape[1]} channels, model wants {num_channels}")
+        out = out.expand(-1, num_channels, -1, -1)
+    if image_size is not None and tuple(out.shape[-2:]) != (image_size, image_size):
+        size = (image_size, image_size)
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    return out
+
+
 def _encode_images(
     examples: Sequence[ImageExample], image_size: int | None, num_channels: int
 ) -> Dataset:
-    pixels = torch.as_tensor(np.stack([ex.pixels for ex in examples]), dtype=torch.float32)
-    # (N, H, W) grayscale or (N, H, W, C) → (N, C, H, W)
-    pixels = pixels[:, None] if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
-    if pixels.shape[1] != num_channels:
-        if pixels.shape[1] != 1:
-            raise ValueError(f"images have {pixels.shape[1]} channels, model wants {num_channels}")
-        pixels = pixels.expand(-1, num_channels, -1, -1)
-    if image_size is not None and tuple(pixels.shape[-2:]) != (image_size, image_size):
-        pixels = F.interpolate(
-            pixels, size=(image_size, image_size), mode="bilinear", align_corners=False
+    """Pixel values (N, C, S, S) in [-1, 1]; images of different sizes (an image folder) are
+    each resized to the model's ``image_size``."""
+    if len({ex.pixels.shape for ex in examples}) == 1:
+        pixels = _image_tensor(np.stack([ex.pixels for ex in examples]), image_size, num_channels)
+    elif image_size is None:
+        raise ValueError("images differ in size and the model declares no image_size")
+    else:
+        pixels = torch.cat(
+            [_image_tensor(ex.pixels[None], image_size, num_channels) for ex in examples]
         )
     pixels = (pixels / 255.0 - 0.5) / 0.5  # (N, C, S, S) in [-1, 1]
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from raflora.training.data import planted, shipped
+from raflora.training.data import images, planted, shipped
 from raflora.training.data.files import Fields, read_source
 from raflora.training.data.rows import LABEL, choice_examples, classification_examples
 from raflora.training.data.types import KINDS, Example, TaskData, stratified_split, subsample, take
@@ -43,9 +43,16 @@ def _general(
     labels: Sequence[str] | None = None,
 ) -> shipped.Loaded:
     if kind == "image-classification":
+        if labels is not None:
+            raise ValueError(
+                f"data.labels: {str(path)!r} is image data, whose classes are its class "
+                "folders (sorted) or CIFAR-100's; drop data.labels"
+            )
+        return _images(path, seed, test_fraction)
+    if images.holds_images(path):
         raise ValueError(
-            f"data.name {str(path)!r}: image data is only available as 'mnist5k' "
-            f"(or 'digits8x8'); files hold text"
+            f"data.name {str(path)!r} holds images; set model.task = \"image-classification\" "
+            "(and an image model) or point data.name at text data"
         )
     label_field = fields.label or "label"
     train_rows, test_rows, names = read_source(path, label_field)
@@ -83,6 +90,25 @@ def _general(
     return train, test, label_names, kind, f"{path} ({kind}, {how})"
 
 
+def _images(path: Path, seed: int, test_fraction: float) -> shipped.Loaded:
+    """An image folder or CIFAR-100 binary (`images.load_images`), split seeded and stratified
+    when it has no test split of its own."""
+    train, test, label_names, where = images.load_images(path)
+    present = sorted({example.label for example in train + (test or [])})
+    if len(present) < 2:
+        raise ValueError(
+            f"data.name {str(path)!r}: only one class ({label_names[present[0]]!r}) has images; "
+            "classification needs at least 2"
+        )
+    if test is None:
+        train_idx, test_idx = stratified_split([ex.label for ex in train], test_fraction, seed)
+        train, test = take(train, train_idx), take(train, test_idx)
+        how = f"seeded stratified split, test fraction {test_fraction}"
+    else:
+        how = "its own train/test split"
+    return train, test, label_names, "image-classification", f"{where}, {how}"
+
+
 def _check_mixable(parts: list[tuple[str, shipped.Loaded]]) -> None:
     kinds = {loaded[3] for _, loaded in parts}
     if len(kinds) > 1:
@@ -118,7 +144,9 @@ def load_task_data(
     ``commonsense`` = the first eight multiple-choice tasks), a planted-rank teacher task
     (``planted:rank=32,classes=8``, see `raflora.training.data.planted`), a comma-separated
     mixture of multiple-choice tasks, or a path: a .jsonl / .csv / .parquet file or a folder with
-    ``train.*`` and ``test.*`` (or ``validation.*``), or an HF save-to-disk folder. ``task`` is
+    ``train.*`` and ``test.*`` (or ``validation.*``), or an HF save-to-disk folder; image
+    tasks: a folder of class subfolders of images or CIFAR-100's binary version
+    (`raflora.training.data.images`). ``task`` is
     the data kind or the model task (``causal-lm`` → ``multiple-choice``). Data without its own
     test split is split seeded and stratified (``test_fraction``). ``train_size`` /
     ``test_size`` (None or 0 = all) keep a seeded random subset — per task in a mixture.
