@@ -390,3 +390,16 @@ def test_sparse_server_evaluation_and_clipped_updates(runs) -> None:
     summary = finish_run(run["config"], run["run_dir"])
     assert summary["final_accuracy"] == history[3]["server_accuracy"]
     check_run_outputs(run["run_dir"], 3)
+
+
+def test_a_frozen_head_is_neither_trained_nor_sent(runs) -> None:
+    """model.train_head = false: every reply is accepted (no dense tensors expected or sent),
+    rounds train, and the server's model keeps the seeded head (no dense state)."""
+    run = runs("frozen_head", "model.train_head=false")
+    history = run["history"]
+    assert all(not r.get("skipped") and r["ok"] == 3 for r in history[1:])
+    assert run["state"].dense == {} and run["state"].adapter != {}
+    sent = train_messages(run["grid"], 2)
+    assert sent and all(
+        not any(k.startswith(msg.DENSE) for k in m.content[msg.ARRAYS]) for m in sent
+    )

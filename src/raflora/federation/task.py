@@ -223,11 +223,17 @@ def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Modu
         dropout=model.lora_dropout,
         seed=seed,
     )
-    if not model.train_head:
-        freeze_heads(peft_model)
+    apply_head_policy(config, peft_model)
     if config.train.gradient_checkpointing:  # acts in train mode only; evaluation is unchanged
         enable_gradient_checkpointing(peft_model)
     return peft_model
+
+
+def apply_head_policy(config: Config, peft_model: nn.Module) -> None:
+    """``model.train_head = false``: the task head stays frozen (not trained, not federated).
+    Call it again after PEFT's ``set_adapter``, which makes the active head copy trainable."""
+    if not config.model.train_head:
+        freeze_heads(peft_model)
 
 
 def encode(config: Config, examples: list, tokenizer: Any, base: nn.Module) -> Any:
