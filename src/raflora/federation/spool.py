@@ -1,0 +1,113 @@
+"""A round's replies spooled to disk as they are accepted, read back one module at a time.
+
+With ``federation.spool_dir`` set, the strategy writes each validated reply's LoRA factors to
+``<spool>/round_XXX/client_<pid>.safetensors`` (keys ``<module>/B``, ``<module>/A``, float32
+as received) the moment it accepts it, and keeps only a header (partition id, rank,
+num-examples, dense trainables, metrics). The round step (`raflora.math.round.
+aggregate_streamed`) then reads one module of every client at a time (``safe_open`` loads one
+tensor at a time), so the server holds one module's factors instead of the whole round's.
+The round's folder is deleted after the round, whatever happened. safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from raflora.math.round import ClientUpdate, Factors
+
+FIELD = "federation.spool_dir"
+
+
+class SpoolError(ValueError):
+    """The spool directory cannot be used (names the config field and the fix)."""
+
+
+def spool_root(setting: str) -> Path | None:
+    """The folder a ``federation.spool_dir`` value names: None for "" (replies stay in
+    memory), the system's temporary folder for "auto", else the path (created if missing;
+    it must be a writable directory)."""
+    if setting == "":
+        return None
+    root = Path(tempfile.gettempdir()) / "raflora-spool" if setting == "auto" else Path(setting)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SpoolError(
+            f"{FIELD} = {setting!r} cannot be created ({error.strerror or error}); "
+            'give a writable directory, "auto" (the temporary folder) or "" (in memory)'
+        ) from error
+    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
+        raise SpoolError(
+            f"{FIELD} = {setting!r} is not a writable directory; "
+            'give a writable directory, "auto" (the temporary folder) or "" (in memory)'
+        )
+    return root
+
+
+class ReplySpool:
+    """One round's accepted replies on disk; also the round step's module source
+    (`raflora.math.round.ModuleSource`): ``updates``, ``modules``, ``load(name)``."""
+
+    def __init__(self, root: Path, server_round: int) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=f"round_{server_round:03d}_", dir=root))
+        self._headers: dict[int, ClientUpdate] = {}
+        self._modules: list[str] | None = None
+
+    def _path(self, partition_id: int) -> Path:
+        return self.folder / f"client_{partition_id}.safetensors"
+
+    def add(self, update: ClientUpdate) -> ClientUpdate:
+        """Write ``update``'s factors to disk; returns its header (the update without them)."""
+        if update.partition_id in self._headers:
+            raise ValueError(f"partition {update.partition_id} is already spooled this round")
+        modules = sorted(update.factors)
+        if self._modules is not None and modules != self._modules:
+            raise ValueError(
+                f"partition {update.partition_id} has modules that differ from the round's"
+            )
+        tensors = {}
+        for name, (B, A) in update.factors.items():
+            tensors[f"{name}/B"] = np.ascontiguousarray(B)
+            tensors[f"{name}/A"] = np.ascontiguousarray(A)
+        save_file(tensors, str(self._path(update.partition_id)))
+        self._modules = modules
+        header = replace(update, factors={})
+        self._headers[update.partition_id] = header
+        return header
+
+    @property
+    def updates(self) -> list[ClientUpdate]:
+        """The spooled replies' headers, by partition id."""
+        return [self._headers[pid] for pid in sorted(self._headers)]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self._modules or [])
+
+    def load(self, name: str) -> list[Factors]:
+        """Every spooled client's ``(B_k, A_k)`` of module ``name``, by partition id (each
+        file opened, two tensors read, closed: nothing else of the round is mapped)."""
+        out = []
+        for pid in sorted(self._headers):
+            with safe_open(str(self._path(pid)), framework="numpy") as f:
+                out.append((f.get_tensor(f"{name}/B"), f.get_tensor(f"{name}/A")))
+        return out
+
+    def close(self) -> None:
+        """Delete the round's folder (idempotent)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._headers.clear()
+
+    def __enter__(self) -> ReplySpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
