@@ -1,16 +1,18 @@
 """A round's replies spooled to disk as they are accepted, read back one module at a time.
 
-With ``federation.spool_dir`` set, the strategy writes each validated reply's LoRA factors to
-``<spool>/round_XXX/client_<pid>.safetensors`` (keys ``<module>/B``, ``<module>/A``, float32
-as received) the moment it accepts it, and keeps only a header (partition id, rank,
-num-examples, dense trainables, metrics). The round step (`raflora.math.round.
-aggregate_streamed`) then reads one module of every client at a time (``safe_open`` loads one
-tensor at a time), so the server holds one module's factors instead of the whole round's.
-The round's folder is deleted after the round, whatever happened. safetensors + JSON only.
+With ``federation.spool_dir`` set, the strategy writes each validated reply to
+``<spool>/round_XXX_*/client_<pid>.safetensors`` the moment it accepts it (keys
+``lora/<module>/{B,A}`` as received, ``dense/<name>``; partition id, rank, num-examples and
+metrics (JSON) in the file's metadata) and keeps only a header (the reply without its
+factors). The round step (`raflora.math.round.aggregate_streamed`) then reads one module of
+every client at a time (``safe_open`` loads one tensor at a time), so the server holds one
+module's factors instead of the whole round's. The round's folder is deleted after the round,
+whatever happened. safetensors + JSON only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +63,33 @@ class ReplySpool:
         self._headers: dict[int, ClientUpdate] = {}
         self._modules: list[str] | None = None
 
+    @classmethod
+    def reopen(cls, folder: Path) -> ReplySpool:
+        """The spool already written in ``folder`` (headers read back from each file's
+        metadata; its arrays stay on disk). ``close()`` deletes the folder."""
+        spool = cls.__new__(cls)
+        spool.folder, spool._headers, spool._modules = Path(folder), {}, None
+        for path in sorted(Path(folder).glob("client_*.safetensors")):
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                names = {key[5:].rsplit("/", 1)[0] for key in f.keys() if key[:5] == "lora/"}  # noqa: SIM118
+                dense = {
+                    key.split("/", 1)[1]: f.get_tensor(key)
+                    for key in f.keys()  # noqa: SIM118 (a safe_open handle, not a dict)
+                    if key.startswith("dense/")
+                }
+            header = ClientUpdate(
+                partition_id=int(meta["partition_id"]),
+                rank=int(meta["rank"]),
+                num_examples=int(meta["num_examples"]),
+                factors={},
+                dense=dense,
+                metrics=json.loads(meta.get("metrics", "{}")),
+            )
+            spool._headers[header.partition_id] = header
+            spool._modules = sorted(names)
+        return spool
+
     def _path(self, partition_id: int) -> Path:
         return self.folder / f"client_{partition_id}.safetensors"
 
@@ -73,11 +102,17 @@ class ReplySpool:
             raise ValueError(
                 f"partition {update.partition_id} has modules that differ from the round's"
             )
-        tensors = {}
+        tensors = {f"dense/{name}": np.ascontiguousarray(x) for name, x in update.dense.items()}
         for name, (B, A) in update.factors.items():
-            tensors[f"{name}/B"] = np.ascontiguousarray(B)
-            tensors[f"{name}/A"] = np.ascontiguousarray(A)
-        save_file(tensors, str(self._path(update.partition_id)))
+            tensors[f"lora/{name}/B"] = np.ascontiguousarray(B)
+            tensors[f"lora/{name}/A"] = np.ascontiguousarray(A)
+        metadata = {
+            "partition_id": str(update.partition_id),
+            "rank": str(update.rank),
+            "num_examples": str(update.num_examples),
+            "metrics": json.dumps(update.metrics),
+        }
+        save_file(tensors, str(self._path(update.partition_id)), metadata=metadata)
         self._modules = modules
         header = replace(update, factors={})
         self._headers[update.partition_id] = header
@@ -98,7 +133,7 @@ class ReplySpool:
         out = []
         for pid in sorted(self._headers):
             with safe_open(str(self._path(pid)), framework="numpy") as f:
-                out.append((f.get_tensor(f"{name}/B"), f.get_tensor(f"{name}/A")))
+                out.append((f.get_tensor(f"lora/{name}/B"), f.get_tensor(f"lora/{name}/A")))
         return out
 
     def close(self) -> None:
