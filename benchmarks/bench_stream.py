@@ -101,8 +101,11 @@ def write_spool(root: Path, spec: dict[str, Any]) -> tuple[Path, int, float]:
 class TimedSource:
     """A module source that records, per module, the seconds spent reading it."""
 
-    def __init__(self, source: Any, modules: list[str] | None = None) -> None:
+    def __init__(
+        self, source: Any, modules: list[str] | None = None, progress: str | None = None
+    ) -> None:
         self.source = source
+        self.progress = progress  # a file that gets one line per module read
         self._modules = modules if modules is not None else source.modules
         self.read: dict[str, float] = {}
         self.marks: list[tuple[str, float, float]] = []  # (module, load start, load end)
@@ -121,6 +124,9 @@ class TimedSource:
         end = time.perf_counter()
         self.read[name] = end - start
         self.marks.append((name, start, end))
+        if self.progress:
+            with open(self.progress, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {len(self.marks)} {name}\n")
         return out
 
 
@@ -146,7 +152,7 @@ def stream_round(spec: dict[str, Any]) -> dict[str, Any]:
     from raflora.math.round import GlobalState, aggregate_streamed
 
     torch.set_num_threads(spec["threads"])
-    source = TimedSource(ReplySpool.reopen(Path(spec["folder"])))
+    source = TimedSource(ReplySpool.reopen(Path(spec["folder"])), None, spec["progress"])
     settings = settings_for(spec, "leading")
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
@@ -259,7 +265,12 @@ def main() -> None:
     parser.add_argument("--method", default="raflora")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="in-memory vs streamed timings")
-    parser.add_argument("--subset-layers", type=int, default=1, help="layers timed in memory")
+    parser.add_argument(
+        "--subset",
+        default=",".join(LLAMA),
+        help="layer 0's projections also timed in memory (default: all 7)",
+    )
+    parser.add_argument("--progress", help="a file the streamed round logs each module to")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--spool-root", default=tempfile.gettempdir(), help="spool's parent")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/bench_stream.json)")
@@ -272,7 +283,9 @@ def main() -> None:
     choices = (1, 2, 4) if args.quick else RANK_CHOICES
     ranks = client_ranks(clients, args.seed, choices)
     shapes = module_shapes(layers, args.quick)
-    subset = list(shapes)[: 7 * min(args.subset_layers, layers)]
+    subset = [f"model.layers.0.{proj}" for proj in args.subset.split(",")]
+    if args.quick or not set(subset) <= set(shapes):
+        subset = list(shapes)[:7]
     needed = 4 * sum(ranks) * sum(m + n for m, n in shapes.values())
     root = Path(args.spool_root)
     free = shutil.disk_usage(root).free
@@ -290,6 +303,7 @@ def main() -> None:
     spec: dict[str, Any] = {
         "quick": args.quick, "layers": layers, "ranks": ranks, "method": args.method,
         "seed": args.seed, "threads": threads, "subset": subset, "repeats": args.repeats,
+        "progress": args.progress,
     }  # fmt: skip
     folder = None
     try:

@@ -313,3 +313,22 @@ def test_a_skipped_round_leaves_no_spool(tmp_path) -> None:
         list(s.configure_train(1, None, ConfigRecord(), None))
         assert s.aggregate_train(1, [reply(0, 1)]) == (None, None)
         assert s.current.skipped and list(root.iterdir()) == []
+
+
+def test_a_leading_state_survives_a_checkpoint(tmp_path) -> None:
+    """keep="leading" checkpoints as thin SVDs and resumes to the same next round."""
+    from raflora.federation.checkpoint import load_checkpoint, save_checkpoint
+
+    lean = settings("raflora", True, "leading")
+    state, _ = aggregate_round(
+        GlobalState(0, {}, {}, {}, {}), round_updates("raflora", 1, [0, 1, 2, 3, 4]), lean
+    )
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path, state, {}))
+    for name in SHAPES:
+        assert_same_update(loaded.adapter[name], state.adapter[name])
+    updates = round_updates("raflora", 2, [0, 1, 2])  # partial: the tail (4, 8] is carried
+    after, diag = aggregate_round(state, updates, lean)
+    resumed, diag_resumed = aggregate_round(loaded, updates, lean)
+    assert diag["carried_energy_share"] > 0 and diag_resumed == diag
+    for name in SHAPES:
+        assert_same_update(resumed.adapter[name], after.adapter[name])
