@@ -1,7 +1,12 @@
 """The server's round step of a heterogeneous-rank LoRA federation, independent of Flower.
 
 :func:`aggregate_round` is the one round step (aggregate with the run's method, keep, carry
-over, diagnostics) used by the Flower strategy, the synthetic task and the benchmarks.
+over, diagnostics) used by the Flower strategy, the synthetic task and the benchmarks. It runs
+module by module (:func:`aggregate_streamed`): given a :class:`ModuleSource` that loads every
+client's factors of one module at a time (replies in memory, or spooled to disk by the
+federation layer), only that module's factors, stack and decomposition are in memory besides
+the kept state; with ``RoundSettings.keep = "leading"`` an SVD-allocated update is kept as its
+first r_cap triplets only (:func:`_kept`), so that state is bounded too.
 
 Per target module the server keeps an update ``ΔW`` (m×n, never formed) as factors with its
 leading thin SVD. What a client of rank ``r`` starts from is the method's ``allocation``:
