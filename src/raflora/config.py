@@ -316,9 +316,13 @@ class FederationSection(_Section):
     def _spool_dir_usable(cls, value: str) -> str:
         if value in ("", "auto"):
             return value
-        path = Path(value).expanduser()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        try:  # the nearest folder that exists must be a writable directory
+            path = Path(os.path.expanduser(value))
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            usable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        except (OSError, ValueError):  # e.g. a NUL byte, a name too long
+            usable = False
+        if not usable:
             raise ValueError(
                 f"{value!r} is not a writable directory (nor can one be made there); give a "
                 'writable directory, "auto" (the temporary folder) or "" (in memory)'

@@ -38,12 +38,14 @@ def spool_root(setting: str) -> Path | None:
     it must be a writable directory)."""
     if setting == "":
         return None
-    root = Path(tempfile.gettempdir()) / "raflora-spool" if setting == "auto" else Path(setting)
+    auto = Path(tempfile.gettempdir()) / "raflora-spool"
+    root = auto if setting == "auto" else Path(os.path.expanduser(setting))
     try:
         root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
         raise SpoolError(
-            f"{FIELD} = {setting!r} cannot be created ({error.strerror or error}); "
+            f"{FIELD} = {setting!r} cannot be created ({reason}); "
             'give a writable directory, "auto" (the temporary folder) or "" (in memory)'
         ) from error
     if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
