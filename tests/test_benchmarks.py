@@ -89,3 +89,16 @@ def test_bench_round_quick(tmp_path, capsys, monkeypatch, tiny_bert_dir) -> None
     for run in runs.values():
         for r in run["rounds"]:
             assert r["critical_path"] > 0 and r["wall"] >= r["train_phase"] > 0
+
+
+def test_bench_stream_quick(tmp_path, capsys, monkeypatch) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    extra = ("--spool-root", str(spool))
+    summary = run_quick("bench_stream", tmp_path / "s.json", capsys, monkeypatch, *extra)
+    for key in ("peak_rss_bytes", "round_seconds", "time_ratio", "kept_state_bytes",
+                "payload_max_rel_diff", "goal_memory_met", "goal_time_met"):  # fmt: skip
+        assert key in summary, key
+    assert summary["correct"] and summary["payload_max_rel_diff"] <= 1e-4
+    assert summary["modules"] == 7 and summary["spool_bytes"] > 0
+    assert list(spool.iterdir()) == []  # the benchmark deletes its spool

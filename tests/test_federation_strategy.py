@@ -294,10 +294,10 @@ def test_the_server_step_runs_on_its_configured_threads(monkeypatch, threads: in
     from raflora.federation import strategy as strategy_module
 
     seen = []
-    original = strategy_module.aggregate_round
+    original = strategy_module.aggregate_streamed
     monkeypatch.setattr(
         strategy_module,
-        "aggregate_round",
+        "aggregate_streamed",
         lambda *args: seen.append(torch.get_num_threads()) or original(*args),
     )
     s = strategy(config(server_threads=threads))

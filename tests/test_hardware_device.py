@@ -265,3 +265,29 @@ def test_quantised_base_refused_without_bitsandbytes_or_cuda(
 def test_quantised_base_cannot_merge() -> None:
     with pytest.raises(ConfigError, match=r"model\.quantization = '4bit' cannot merge"):
         load_config(None, ["model.quantization=4bit", "federation.method=flora"])
+
+
+@CUDA
+def test_streamed_server_step_from_a_spool_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    """Issue 21: the module-streamed step (spooled replies, keep="leading") on the GPU."""
+    from dataclasses import replace
+
+    from raflora.federation.spool import ReplySpool
+    from raflora.math.round import aggregate_streamed
+
+    state, updates, settings = _round_inputs()
+    settings = replace(settings, keep="leading")
+    with ReplySpool(tmp_path, 1) as spool:
+        for update in updates:
+            spool.add(update)
+        cpu_state, cpu_diag = aggregate_streamed(state, spool, settings)
+        with computing_on("cuda"):
+            gpu_state, gpu_diag = aggregate_streamed(state, spool, settings)
+    for name, update in cpu_state.adapter.items():
+        other = gpu_state.adapter[name]
+        assert isinstance(other.U, np.ndarray) and other.U.shape == update.U.shape
+        np.testing.assert_allclose(other.S, update.S, rtol=1e-5)
+        B, A = update.factors(8)
+        Bg, Ag = other.factors(8)
+        np.testing.assert_allclose(Bg @ Ag, B @ A, atol=1e-4)
+    assert gpu_diag["global_rank"] == cpu_diag["global_rank"]

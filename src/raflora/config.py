@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -298,6 +299,14 @@ class FederationSection(_Section):
     server_device: str = "cpu"
     """where the server aggregates, decomposes (float64) and evaluates: cpu, auto, cuda or cuda:N
     (not mps: it has no float64)"""
+    spool_dir: str = ""
+    """where the server spools each accepted reply (safetensors, deleted after the round) so the
+    round step reads one module at a time: "" keeps replies in memory, "auto" the temporary
+    folder, else a directory"""
+    server_keep: Literal["all", "leading"] = "all"
+    """what the server keeps of an SVD-allocated round update: all (the stacked factors; the
+    global model is their whole product) or leading (only the first r_max singular triplets:
+    what clients get, bounded memory; server evaluation and export see that truncation)"""
 
     @field_validator("server_device")
     @classmethod
@@ -308,6 +317,24 @@ class FederationSection(_Section):
         if device == "mps":
             raise ValueError("mps has no float64, which the server's SVDs use; use cpu or cuda")
         return device
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _spool_dir_usable(cls, value: str) -> str:
+        if value in ("", "auto"):
+            return value
+        try:  # the nearest folder that exists must be a writable directory
+            path = Path(os.path.expanduser(value))
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            usable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        except (OSError, ValueError):  # e.g. a NUL byte, a name too long
+            usable = False
+        if not usable:
+            raise ValueError(
+                f"{value!r} is not a writable directory (nor can one be made there); give a "
+                'writable directory, "auto" (the temporary folder) or "" (in memory)'
+            )
+        return value
 
     @field_validator("method")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +49,26 @@ def exchange(
     grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None]
 ) -> list[Message]:
     """Send, then collect replies until all arrived or `timeout` seconds passed."""
+    return list(arrivals(grid, messages, timeout, on_reply))
+
+
+def arrivals(
+    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None]
+) -> Iterator[Message]:
+    """Send, then yield each reply as it is pulled, until all arrived or `timeout` seconds
+    passed (the strategy can validate and spool a reply, then drop it, while others train)."""
     if not messages:
-        return []
+        return
     pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
     deadline = time.monotonic() + timeout
     interval = min(0.2, float(getattr(grid, "pull_interval", 0.2)))
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
             on_reply()
+            yield reply
         if pending:
             time.sleep(interval)
-    return replies
 
 
 def discover_nodes(grid: Grid, config: Config, timeout: float) -> list[NodeInfo]:
@@ -213,8 +219,8 @@ class FederatedRun:
         timeout = config.federation.round_timeout_s
         messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         self.reporter.round_started(server_round, len(messages))
-        replies = exchange(grid, messages, timeout, self.reporter.client_done)
-        strategy.aggregate_train(server_round, replies)
+        replies = arrivals(grid, messages, timeout, self.reporter.client_done)
+        strategy.aggregate_train(server_round, replies)  # consumes each reply as it arrives
         evaluations = list(
             strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
         )

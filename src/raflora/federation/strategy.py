@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from raflora.config import Config
 from raflora.federation import messages as msg
 from raflora.federation import task
+from raflora.federation.spool import ReplySpool, spool_root
 from raflora.federation.validation import (
     Expectation,
     RejectedUpdate,
@@ -50,8 +51,9 @@ from raflora.math.methods import get_method
 from raflora.math.round import (
     ClientUpdate,
     GlobalState,
+    InMemorySource,
     RoundSettings,
-    aggregate_round,
+    aggregate_streamed,
 )
 from raflora.training import torch_threads
 
@@ -145,7 +147,11 @@ class HeteroRankStrategy(Strategy):
         fed = config.federation
         self.method = get_method(fed.method)
         self.settings = RoundSettings.of(
-            self.method, dict(fed.options), apply=fed.apply, carry_over=fed.carry_over
+            self.method,
+            dict(fed.options),
+            apply=fed.apply,
+            carry_over=fed.carry_over,
+            keep=fed.server_keep,
         )
         self._frozen_rows: msg.SharedRows | None = None  # frozen-A methods: see _shared_rows
         # dense_merged methods: the dense products of the merged rounds, per configure call
@@ -192,7 +198,11 @@ class HeteroRankStrategy(Strategy):
         lora = self.state.client_payload(rank, self.config.federation.split, allocation)
         if remember:  # a train message: its reply is measured from this start (validation.py)
             size = self.nodes[partition_id].num_examples
-            self.sent[partition_id] = StartPoint(lora, dict(self.state.dense), size)
+            bounded = self.expectation.max_norm is not None or (
+                self.expectation.max_total_norm is not None
+            )  # only the norm bounds read the factors sent (else: Σ r_k (m + n) floats kept)
+            start = lora if bounded else {}
+            self.sent[partition_id] = StartPoint(start, dict(self.state.dense), size)
         if self._per_round:  # the merged rounds this client has not confirmed
             after = self.confirmed.get(partition_id, 0)
             rounds = {
@@ -335,7 +345,19 @@ class HeteroRankStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, aggregate the good ones, keep the old state if too few remain."""
+        """Validate replies, aggregate the good ones, keep the old state if too few remain.
+        With ``federation.spool_dir`` each accepted reply's factors go to disk at once
+        (`raflora.federation.spool`) and the round step reads them module by module; the
+        spool is deleted after the round."""
+        root = spool_root(self.config.federation.spool_dir)
+        if root is None:
+            return self._aggregate_train(server_round, replies, None)
+        with ReplySpool(root, server_round) as spool:
+            return self._aggregate_train(server_round, replies, spool)
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message], spool: ReplySpool | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         by_node = self._node_to_pid()
         updates: list[ClientUpdate] = []
         answered = set()
@@ -345,8 +367,8 @@ class HeteroRankStrategy(Strategy):
                 continue
             answered.add(pid)
             update = self._accept(reply, pid)
-            if update is not None:
-                updates.append(update)
+            if update is not None:  # spooled: only its header stays in memory
+                updates.append(update if spool is None else spool.add(update))
         for pid in sorted(set(self.current.sampled) - answered):
             self.current.failed[pid] = "no reply before the round timeout"
         for pid, reason in sorted({**self.current.failed, **self.current.rejected}.items()):
@@ -365,7 +387,8 @@ class HeteroRankStrategy(Strategy):
         fed = self.config.federation
         with torch_threads(fed.server_threads), computing_on(task.server_device(self.config)):
             # fixed threads: same bits in every process; server_device: where the math runs
-            self.state, diagnostics = aggregate_round(self.state, updates, self.settings)
+            source = InMemorySource(updates) if spool is None else spool
+            self.state, diagnostics = aggregate_streamed(self.state, source, self.settings)
         self.current.diagnostics = diagnostics
         self.current.train_loss = weighted_mean(
             [(u.metrics.get(msg.TRAIN_LOSS, float("nan")), u.num_examples) for u in updates]

@@ -1,7 +1,12 @@
 """The server's round step of a heterogeneous-rank LoRA federation, independent of Flower.
 
 :func:`aggregate_round` is the one round step (aggregate with the run's method, keep, carry
-over, diagnostics) used by the Flower strategy, the synthetic task and the benchmarks.
+over, diagnostics) used by the Flower strategy, the synthetic task and the benchmarks. It runs
+module by module (:func:`aggregate_streamed`): given a :class:`ModuleSource` that loads every
+client's factors of one module at a time (replies in memory, or spooled to disk by the
+federation layer), only that module's factors, stack and decomposition are in memory besides
+the kept state; with ``RoundSettings.keep = "leading"`` an SVD-allocated update is kept as its
+first r_cap triplets only (:func:`_kept`), so that state is bounded too.
 
 Per target module the server keeps an update ``ΔW`` (m×n, never formed) as factors with its
 leading thin SVD. What a client of rank ``r`` starts from is the method's ``allocation``:
@@ -41,7 +46,7 @@ cover it" (here: none, so it keeps its value). Without it they vanish, as in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,6 +63,7 @@ from raflora.math.lowrank import factored_norm, leading_svd, significant_svd, si
 from raflora.math.methods import Method
 
 Factors = tuple[np.ndarray, np.ndarray]  # (B (m, r), A (r, n)), LoRA scaling folded in
+KEEP = ("all", "leading")  # what the server keeps of an SVD-allocated round update
 
 
 class _Triplets:
@@ -332,6 +338,9 @@ class RoundSettings:
     carry_over: bool
     bounds: tuple[int, ...]  # the federation's distinct ranks ρ_1 < … < ρ_M (r_cap = ρ_M)
     dtype: type = np.float32  # what the kept update is stored in (decomposed in float64)
+    # "all": keep the round's stacked factors (the global model is their whole product);
+    # "leading": SVD allocation keeps only the first r_cap triplets (bounded server memory)
+    keep: str = "all"
 
     @property
     def max_rank(self) -> int:
@@ -347,8 +356,11 @@ class RoundSettings:
         carry_over: bool | None = None,
         bounds: tuple[int, ...] = (1,),
         dtype: type = np.float32,
+        keep: str = "all",
     ) -> RoundSettings:
         """Settings with the method's own defaults for what is not given."""
+        if keep not in KEEP:
+            raise ValueError(f"keep {keep!r} is not one of {list(KEEP)}")
         return cls(
             method=method,
             options=method.build_options(**(options or {})),
@@ -356,6 +368,7 @@ class RoundSettings:
             carry_over=method.carry_over if carry_over is None else carry_over,
             bounds=tuple(bounds),
             dtype=dtype,
+            keep=keep,
         )
 
 
@@ -402,60 +415,158 @@ def _carried(previous: Update, sampled_max: int, settings: RoundSettings) -> tup
     return tail, float(np.sum(previous.S[sampled_max : settings.max_rank].astype(np.float64) ** 2))
 
 
+class ModuleSource(Protocol):
+    """One round's replies, readable one module at a time (the streamed round step).
+
+    ``updates``: one header per client, ordered by partition id, with its rank, num-examples,
+    dense trainables and metrics (``factors`` may be empty); ``modules``: the LoRA module names,
+    sorted; ``load(name)``: every client's ``(B_k (m, r_k), A_k (r_k, n))`` of that module, in
+    the order of ``updates``."""
+
+    @property
+    def updates(self) -> list[ClientUpdate]: ...
+
+    @property
+    def modules(self) -> list[str]: ...
+
+    def load(self, name: str) -> list[Factors]: ...
+
+
+class InMemorySource:
+    """A :class:`ModuleSource` over replies held in memory (what the round step always had)."""
+
+    def __init__(self, updates: list[ClientUpdate]) -> None:
+        if not updates:
+            raise ValueError("a round needs at least one client update")
+        self._updates = sorted(updates, key=lambda u: u.partition_id)
+
+    @property
+    def updates(self) -> list[ClientUpdate]:
+        return self._updates
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self._updates[0].factors)
+
+    def load(self, name: str) -> list[Factors]:
+        return [u.factors[name] for u in self._updates]
+
+
+@dataclass(frozen=True)
+class _ModuleStep:
+    """What the round step produced for one module."""
+
+    adapter: Update | None  # the kept global update (adapter mode)
+    merged: SVDUpdate | None  # D_t (merge mode, or a method's residual)
+    merged_now: Factors | None  # what this round merged
+    diagnostics: dict
+    carried_share: float | None  # adapter mode: carried energy / the update's energy
+    total_rank: int  # rank of the module's global update (adapter, D_t or D_t + B A)
+
+
+def _module_step(
+    name: str,
+    factors: list[Factors],
+    weights: list[float],
+    state: GlobalState,
+    settings: RoundSettings,
+    sampled_max: int,
+) -> _ModuleStep:
+    """One module of the round step: aggregate the clients' ``(B_k, A_k)`` (partition-id
+    order), merge and/or keep, carry over, decompose once, diagnostics (module docstring)."""
+    agg, residual = aggregate_with_residual(settings, [on_device(*f) for f in factors], weights)
+    agg = on_host(*agg)
+    residual = None if residual is None else on_host(*residual)
+    if settings.apply == "merge":
+        delta = stack(agg, residual) if residual is not None else agg
+        merged_now = _as(delta, settings.dtype)
+        previous = state.merged.get(name)
+        merged = _merge(previous, merged_now, settings.dtype)
+        # the round's own spectrum (D_1 = ΔW_1: one decomposition serves both)
+        values = merged.S if previous is None and residual is None else None
+        if values is None:
+            values = compressed_values(*agg, dtype=settings.dtype)
+        diagnostics = module_diagnostics(values, settings.bounds)
+        return _ModuleStep(None, merged, merged_now, diagnostics, None, merged.rank)
+    merged_now, merged = None, state.merged.get(name)
+    if residual is not None:  # kept as the adapter; its residual goes into the base
+        merged_now = _as(residual, settings.dtype)
+        merged = _merge(merged, merged_now, settings.dtype)
+    previous = state.adapter.get(name)
+    parts, carried = [agg], 0.0
+    if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
+        tail, energy = _carried(previous, sampled_max, settings)
+        if tail[0].shape[1]:
+            carried = energy
+            parts.append(tail)
+    # one decomposition per module, carried tail included
+    round_update = decompose(*stack(*parts), top=settings.max_rank, dtype=settings.dtype)
+    diagnostics = module_diagnostics(round_update.S, settings.bounds)
+    if residual is not None:
+        diagnostics["residual_share"] = _residual_share(residual, agg)
+    if previous is not None and previous.rank:
+        diagnostics["retention"] = retention(previous, agg, settings.max_rank)
+    total = float(np.sum(round_update.S.astype(np.float64) ** 2))
+    kept = _kept(round_update, settings)
+    rank = round_update.rank if merged is None else _sum(merged, round_update).rank
+    share = carried / total if total > 0 else 0.0
+    return _ModuleStep(kept, merged, merged_now, diagnostics, share, rank)
+
+
+def _kept(update: StackedUpdate, settings: RoundSettings) -> Update:
+    """What the server keeps of a module's round update: all of it, or (``keep="leading"``,
+    SVD allocation, more columns than triplets) the thin SVD of its first t = r_cap triplets,
+    ``U (m, t)``, ``S (t,)``, ``Vt (t, n)``: everything a client is handed, the carried tail
+    and retention read, (m + n)·t floats instead of (m + n)·(R + 2t)."""
+    if settings.keep == "all" or settings.method.allocation != "svd":
+        return update
+    if update.B.shape[1] <= update.leading:
+        return update
+    t = update.leading
+    return SVDUpdate(update.U, update.S[:t].copy(), update.Vt)
+
+
 def aggregate_round(
     state: GlobalState, updates: list[ClientUpdate], settings: RoundSettings
 ) -> tuple[GlobalState, dict]:
     """One server step: aggregate the replies, apply them, report diagnostics.
 
     Replies are ordered by partition id first, so the floating-point sums (and hence the run)
-    do not depend on the order in which clients answered.
+    do not depend on the order in which clients answered. The module-streamed step
+    (:func:`aggregate_streamed`) over the replies in memory.
     """
-    updates = sorted(updates, key=lambda u: u.partition_id)
+    return aggregate_streamed(state, InMemorySource(updates), settings)
+
+
+def aggregate_streamed(
+    state: GlobalState, source: ModuleSource, settings: RoundSettings
+) -> tuple[GlobalState, dict]:
+    """The round step module by module: only one module's client factors (loaded from
+    ``source``), its stacked aggregate and decomposition are in memory at a time, besides the
+    kept state (bounded with ``settings.keep = "leading"``; merge mode keeps D_t and every
+    round's merged factors, which grow with the rounds)."""
+    updates = source.updates
     ranks = [u.rank for u in updates]
     weights = [float(u.num_examples) for u in updates]
     sampled_max = max(ranks)
-    modules = sorted(updates[0].factors)
     new_adapter: dict[str, Update] = {}
     new_merged: dict[str, SVDUpdate] = dict(state.merged)
     merged_now: dict[str, Factors] = {}  # what this round merges, per module
     per_module: dict[str, dict] = {}
     carried_energy = []
-    for name in modules:
-        factors = [on_device(*u.factors[name]) for u in updates]  # no-op on the CPU
-        agg, residual = aggregate_with_residual(settings, factors, weights)
-        agg = on_host(*agg)
-        residual = None if residual is None else on_host(*residual)
-        if settings.apply == "merge":
-            delta = stack(agg, residual) if residual is not None else agg
-            merged_now[name] = _as(delta, settings.dtype)
-            previous = state.merged.get(name)
-            new_merged[name] = _merge(previous, merged_now[name], settings.dtype)
-            # the round's own spectrum (D_1 = ΔW_1: one decomposition serves both)
-            values = new_merged[name].S if previous is None and residual is None else None
-            if values is None:
-                values = compressed_values(*agg, dtype=settings.dtype)
-            per_module[name] = module_diagnostics(values, settings.bounds)
-            continue
-        if residual is not None:  # kept as the adapter; its residual goes into the base
-            merged_now[name] = _as(residual, settings.dtype)
-            new_merged[name] = _merge(state.merged.get(name), merged_now[name], settings.dtype)
-        previous = state.adapter.get(name)
-        parts, carried = [agg], 0.0
-        if settings.carry_over and previous is not None and sampled_max < settings.max_rank:
-            tail, energy = _carried(previous, sampled_max, settings)
-            if tail[0].shape[1]:
-                carried = energy
-                parts.append(tail)
-        # one decomposition per module, carried tail included
-        round_update = decompose(*stack(*parts), top=settings.max_rank, dtype=settings.dtype)
-        new_adapter[name] = round_update
-        per_module[name] = module_diagnostics(round_update.S, settings.bounds)
-        if residual is not None:
-            per_module[name]["residual_share"] = _residual_share(residual, agg)
-        if previous is not None and previous.rank:
-            per_module[name]["retention"] = retention(previous, agg, settings.max_rank)
-        total = float(np.sum(round_update.S.astype(np.float64) ** 2))
-        carried_energy.append(carried / total if total > 0 else 0.0)
+    total_ranks = []
+    for name in source.modules:
+        step = _module_step(name, source.load(name), weights, state, settings, sampled_max)
+        if step.adapter is not None:
+            new_adapter[name] = step.adapter
+        if step.merged is not None:
+            new_merged[name] = step.merged
+        if step.merged_now is not None:
+            merged_now[name] = step.merged_now
+        if step.carried_share is not None:
+            carried_energy.append(step.carried_share)
+        per_module[name] = step.diagnostics
+        total_ranks.append(step.total_rank)
     diagnostics = summarize_modules(per_module)
     diagnostics["carried_energy_share"] = float(np.mean(carried_energy)) if carried_energy else 0.0
     diagnostics["predicted_retention"] = predicted_retention(ranks, weights)
@@ -469,8 +580,7 @@ def aggregate_round(
         merged_rounds=state.merged_rounds | ({state.round + 1: merged_now} if merged_now else {}),
     )
     # the rank of the global update: the adapter's, D_t's (merge mode) or D_t + B A's (residual)
-    total = new_state.total_update()
-    diagnostics["global_rank"] = int(max(u.rank for u in total.values())) if total else 0
+    diagnostics["global_rank"] = int(max(total_ranks, default=0))
     return new_state, diagnostics
 
 
