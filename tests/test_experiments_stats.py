@@ -219,3 +219,11 @@ def test_score_is_accuracy_or_minus_the_loss() -> None:
     (room,) = headroom(data, lossy)
     assert room.flag == "yes" and room.diff.mean == pytest.approx(0.1 + 0.01 / 3)
     assert lossy.score_text == "−(final test loss)" and ROLES.score_text == "final test accuracy"
+
+
+def test_loss_scores_are_printed_to_three_significant_digits() -> None:
+    lossy = replace(ROLES, metric="loss")
+    assert lossy.score_format == ".3g" and ROLES.score_format == ".3f"
+    assert Interval(-0.000412, 0.00002, 5).text(lossy.score_format) == (
+        "-0.000412 [-0.000432, -0.000392]"
+    )

@@ -130,9 +130,11 @@ class ReportWriter:
                 theirs = {seed: m.get("score") for seed, m in reference.items()}
                 diff = paired_difference(finals, theirs)
                 if diff is not None:
-                    diff_text, pairs, word = diff.text(signed=True), str(diff.n), direction(diff)
+                    diff_text = diff.text(self.roles.score_format, signed=True)
+                    pairs, word = str(diff.n), direction(diff)
             self.lines.append(
-                f"| {method} | {len(finals)} | {ci.text() if ci else '–'} | {diff_text} "
+                f"| {method} | {len(finals)} | {ci.text(self.roles.score_format) if ci else '–'} "
+                f"| {diff_text} "
                 f"| {pairs} | {word} |"
             )
         self.lines.append("")
@@ -197,7 +199,8 @@ class ReportWriter:
                 for method, cells in by_method.items():
                     metric = self.plan.suite.suite.metric
                     ci = mean_ci([score(r.summary, metric) for r in self.runs_of(cells)])
-                    rows.setdefault(method, {})[rc] = ci.text() if ci else "–"
+                    text = ci.text(self.roles.score_format) if ci else "–"
+                    rows.setdefault(method, {})[rc] = text
                     if ci is not None:
                         half = 0.0 if np.isnan(ci.half) else ci.half
                         points.setdefault(method, {})[rc] = (ci.mean, half)
@@ -358,11 +361,12 @@ class ReportWriter:
                 "| headroom |",
                 "|---|---|---|---|---|---|",
             ]
+            fmt = self.roles.score_format
             for row in rows:
                 cells = [
-                    row.r_max.text() if row.r_max else "–",
-                    row.r_min.text() if row.r_min else "–",
-                    row.diff.text(signed=True) if row.diff else "–",
+                    row.r_max.text(fmt) if row.r_max else "–",
+                    row.r_min.text(fmt) if row.r_min else "–",
+                    row.diff.text(fmt, signed=True) if row.diff else "–",
                     str(row.diff.n) if row.diff else "0",
                 ]
                 lines.append(f"| {row.where} | " + " | ".join(cells) + f" | {row.flag} |")

@@ -63,6 +63,11 @@ class Roles:
     def score_text(self) -> str:
         return "final test accuracy" if self.metric == "accuracy" else "−(final test loss)"
 
+    @property
+    def score_format(self) -> str:
+        """Accuracies to 3 decimals; losses (e.g. a distillation MSE of 1e-4) to 3 digits."""
+        return ".3f" if self.metric == "accuracy" else ".3g"
+
     def heterogeneous(self, setting: Setting) -> bool:
         return len(set(self.rank_configs[setting[0]])) > 1
 
@@ -207,7 +212,7 @@ def accuracy(data: Data, roles: Roles) -> Claim:
         "accuracy",
         f"{roles.score_text}: raFLoRA − baseline > 0",
         found,
-        ".3f",
+        roles.score_format,
         "raflora −",
         "no setting with raflora and a heterogeneous baseline",
     )
@@ -249,7 +254,7 @@ def sensitivity(data: Data, roles: Roles) -> Claim:
         f"spread (max − min) of {roles.score_text} over rank configurations: "
         "baseline − raFLoRA > 0",
         found,
-        ".3f",
+        roles.score_format,
         "Δ spread",
         "fewer than two rank configurations with raflora and a baseline",
     )
