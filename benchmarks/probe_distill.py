@@ -25,7 +25,7 @@ import torch
 
 from raflora.training.data.planted import planted_update
 from raflora.training.data.shipped import rotten_tomatoes
-from raflora.training.models import build_lora_model, load_base_model
+from raflora.training.models import build_lora_model, freeze_heads, load_base_model
 
 
 def arguments() -> argparse.Namespace:
@@ -86,9 +86,8 @@ def main() -> None:
     start = time.perf_counter()
     for rank in map(int, a.ranks.split(",")):
         model = build_lora_model(copy.deepcopy(base), rank, 16.0, ["query", "value"], seed=a.seed)
-        for name, param in model.named_parameters():
-            if a.freeze_head and "classifier" in name:
-                param.requires_grad_(False)
+        if a.freeze_head:
+            freeze_heads(model)
         params = [p for p in model.parameters() if p.requires_grad]
         batches = torch.Generator().manual_seed(a.seed)
         history = []

@@ -118,9 +118,6 @@ def task_accuracies(result: RunResult) -> dict[str, float]:
     }
 
 
-SCORE_LABELS = {"accuracy": "final test accuracy", "loss": "−(final test loss)"}
-
-
 def score(summary: dict[str, Any], metric: str = "accuracy") -> float | None:
     """The number the statistics compare, higher is better: the final test accuracy, or minus
     the final test loss (``metric = "loss"``)."""
