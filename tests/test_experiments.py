@@ -389,6 +389,16 @@ def test_dry_run_and_report_only(tiny_suite: dict) -> None:
     assert not list((out / "img").glob("results_verdict-tiny_*"))
 
 
+def test_report_only_without_finished_runs_says_so(tiny_suite: dict, tmp_path: Path) -> None:
+    empty = tmp_path / "elsewhere"
+    result = runner.invoke(
+        app, ["experiment", str(tiny_suite["path"]), "--out", str(empty), "--report-only"]
+    )
+    assert result.exit_code == 2
+    assert "no finished run of suite 'tiny'" in result.output.replace("\n", " ")
+    assert not (empty / "tiny" / "report.md").exists()
+
+
 def test_bad_suite_on_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(tomli_w.dumps(suite_dict(suite__workers=0)))

@@ -353,7 +353,7 @@ def experiment(
         SuiteError,
         expand,
         load_suite,
-        prepare,
+        prepare_report,
         run_suite,
         splice_into,
         write_report,
@@ -377,7 +377,7 @@ def experiment(
             console.print(f"{len(plan.cells)} cells, {len(plan.configs)} runs")
             return
         if report_only:
-            plan, suite_dir = prepare(spec, out, resume=True)
+            plan, suite_dir = prepare_report(spec, out)
             failed = 0
         else:
             state = run_suite(

@@ -7,7 +7,7 @@ seeds), executed as resumable runs, summarised in one report (`raflora experimen
 """
 
 from raflora.experiments.report import splice_into, write_report
-from raflora.experiments.runner import prepare, run_suite
+from raflora.experiments.runner import prepare, prepare_report, run_suite
 from raflora.experiments.suite import Suite, SuiteError, expand, load_suite, suite_from_dict
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "expand",
     "load_suite",
     "prepare",
+    "prepare_report",
     "run_suite",
     "splice_into",
     "suite_from_dict",

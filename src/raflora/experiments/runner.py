@@ -122,6 +122,23 @@ def execute_run(config_json: str, run_dir: str, executor: str, resume: bool) -> 
         gc.collect()
 
 
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Worker initializer: end this process when ``parent`` is gone.
+
+    A spawned pool worker outlives a parent killed by a signal (SIGTERM, SIGKILL): it would
+    go on writing a run folder nobody waits for. A daemon thread polls the parent's pid and
+    exits the worker when the process has been re-parented; the run resumes from its last
+    checkpoint next time (``--resume``)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker(config_json: str, run_dir: str, executor: str, resume: bool) -> dict[str, Any]:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     _quiet_worker(Path(run_dir) / "run.log")
@@ -185,6 +202,23 @@ def prepare(suite: Suite, out: Path, *, resume: bool) -> tuple[Plan, Path]:
         base.setdefault("model", {})["path"] = str(folder)
         suite = suite.model_copy(update={"base": base})
     return expand(suite, suite_dir / "runs"), suite_dir
+
+
+def prepare_report(suite: Suite, out: Path) -> tuple[Plan, Path]:
+    """The plan of a suite whose runs are already under ``out`` (for ``--report-only``).
+
+    Raises `SuiteError` when none of its runs has finished there (wrong --out, or not run yet).
+    """
+    plan, suite_dir = prepare(suite, out, resume=True)
+    runs_dir = suite_dir / "runs"
+    if not any(
+        run_status(runs_dir / run_id, cfg) == "finished" for run_id, cfg in plan.configs.items()
+    ):
+        raise SuiteError(
+            f"--report-only: no finished run of suite {suite.suite.name!r} under {runs_dir}; "
+            "pass the --out it ran with, or run it first (without --report-only)"
+        )
+    return plan, suite_dir
 
 
 def run_suite(
@@ -262,7 +296,12 @@ def _execute(state: SuiteRun, todo: list[tuple[str, bool]], echo: Callable[[str]
             else:
                 record(run_id, result, None)
         return
-    with ProcessPoolExecutor(state.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        state.workers,
+        mp_context=get_context("spawn"),
+        initializer=exit_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         pending = {
             pool.submit(_worker, config_json, run_dir, state.executor, partial): run_id
             for run_id, config_json, run_dir, partial in jobs
