@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -488,6 +488,7 @@ OVERRIDES = st.lists(ARBITRARY | TYPED | TYPED, min_size=1, max_size=3)
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(overrides=OVERRIDES)
+@example(overrides=["run.out_dir={}"])  # invalid alone; --out replaces it, so the run is valid
 def test_fuzzed_overrides_are_valid_or_one_line_and_exit_2(
     tiny_bert_dir: Path, tmp_path: Path, overrides: list[str]
 ) -> None:
@@ -504,7 +505,8 @@ def test_fuzzed_overrides_are_valid_or_one_line_and_exit_2(
     else:
         assert code == 0, stderr
         assert "error:" not in stderr
-        load_config(TINY, settings_)  # valid (raises ConfigError otherwise)
+        # valid as the CLI built it, --out last (raises ConfigError otherwise)
+        load_config(TINY, [*settings_, f"run.out_dir={str(out)!r}"])
     assert not out.exists()  # --dry-run writes nothing
 
 
