@@ -259,6 +259,14 @@ def run_suite(
     return state
 
 
+def _final_note(result: dict[str, Any]) -> str:
+    """``final acc 0.812, loss 0.431``: what a finished run reports (either may be missing)."""
+    acc, loss = result.get("final_accuracy"), result.get("final_loss")
+    parts = [f"acc {acc:.3f}"] if isinstance(acc, float) else []
+    parts += [f"loss {loss:.3g}"] if isinstance(loss, float) else []
+    return "final " + ", ".join(parts) if parts else "no accuracy or loss"
+
+
 def _execute(state: SuiteRun, todo: list[tuple[str, bool]], echo: Callable[[str], None]) -> None:
     start, finished = time.perf_counter(), 0
 
@@ -267,8 +275,7 @@ def _execute(state: SuiteRun, todo: list[tuple[str, bool]], echo: Callable[[str]
         finished += 1
         if error is None and result is not None:
             entry = {"status": "finished", "wall_seconds": result.get("wall_seconds")}
-            acc = result.get("final_accuracy")
-            note = f"final acc {acc:.3f}" if isinstance(acc, float) else "no accuracy"
+            note = _final_note(result)
         else:
             entry = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]}
             note = f"FAILED: {entry['error'].splitlines()[0][:200]}"

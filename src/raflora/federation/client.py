@@ -204,12 +204,10 @@ def reused_round_model(
         config = dataclasses.replace(model.peft_config["default"], r=rank)
         with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep the caller's RNG
             model.add_adapter(name, config)
-        model.set_adapter(name)
-        task.apply_head_policy(ctx.config, model)
+        task.activate_adapter(ctx.config, model, name)
         keep_trainables_float32(model)  # PEFT builds a new adapter in the base's dtype
         slot.heads[rank] = get_dense_trainables(model)
-    model.set_adapter(slot.adapters[rank])
-    task.apply_head_policy(ctx.config, model)  # set_adapter makes PEFT's head copy trainable
+    task.activate_adapter(ctx.config, model, slot.adapters[rank])
     set_factors(model, lora, seed=seed)
     head = {k: torch.from_numpy(v) for k, v in dense.items()} if dense else slot.heads[rank]
     if head:

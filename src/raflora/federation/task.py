@@ -231,9 +231,16 @@ def lora_model(config: Config, base: nn.Module, rank: int, seed: int) -> nn.Modu
 
 def apply_head_policy(config: Config, peft_model: nn.Module) -> None:
     """``model.train_head = false``: the task head stays frozen (not trained, not federated).
-    Call it again after PEFT's ``set_adapter``, which makes the active head copy trainable."""
+    PEFT's ``set_adapter`` makes the active head copy trainable again: switch adapters with
+    `activate_adapter`, which applies the policy after it."""
     if not config.model.train_head:
         freeze_heads(peft_model)
+
+
+def activate_adapter(config: Config, peft_model: Any, name: str) -> None:
+    """Make adapter ``name`` the one that trains (PEFT ``set_adapter``), head policy kept."""
+    peft_model.set_adapter(name)
+    apply_head_policy(config, peft_model)
 
 
 def encode(config: Config, examples: list, tokenizer: Any, base: nn.Module) -> Any:
