@@ -389,6 +389,24 @@ def test_dry_run_and_report_only(tiny_suite: dict) -> None:
     assert not list((out / "img").glob("results_verdict-tiny_*"))
 
 
+def test_report_notes_name_the_methods_whose_update_goes_into_the_base(tmp_path: Path) -> None:
+    """From the registry: merge-mode methods (flora, florist) and residual folding (fedex)."""
+    from types import SimpleNamespace
+
+    from raflora.experiments.report import ReportWriter
+
+    def note(methods: list[str]) -> str:
+        data = suite_dict()
+        data["grid"][0]["methods"] = methods
+        plan = expand(suite_from_dict(data), tmp_path / "runs")
+        return ReportWriter.folded_note(SimpleNamespace(plan=plan))  # type: ignore[arg-type]
+
+    assert note(["raflora", "flexlora"]) == ""
+    both = note(["raflora", "flora", "fedex", "florist"])
+    assert "each round (flora, florist): energy" in both
+    assert "each round (fedex): energy" in both and "without the residuals" in both
+
+
 def test_report_only_without_finished_runs_says_so(tiny_suite: dict, tmp_path: Path) -> None:
     empty = tmp_path / "elsewhere"
     result = runner.invoke(

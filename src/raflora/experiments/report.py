@@ -300,6 +300,27 @@ class ReportWriter:
             "",
         ]
 
+    def folded_note(self) -> str:
+        """Which of the suite's methods put (part of) the update into the base weights, so
+        that the diagnostics do not see all of it (registry-driven)."""
+        labels = dict.fromkeys(label for grid in self.plan.suite.grid for label in grid.methods)
+        methods = {label: get_method(self.plan.suite.variant(label).method) for label in labels}
+        merged = [label for label, m in methods.items() if m.apply == "merge"]
+        residual = [label for label, m in methods.items() if m.apply != "merge" and m.residual]
+        text = ""
+        if merged:
+            text += (
+                f"Update merged into the base weights each round ({', '.join(merged)}): "
+                "energy, effective rank and norm are those of the last round's update. "
+            )
+        if residual:
+            text += (
+                f"Residual (exact average minus the product of the averaged factors) folded "
+                f"into the base weights each round ({', '.join(residual)}): energy, effective "
+                "rank and norm are those of the kept averaged factors, without the residuals. "
+            )
+        return text
+
     def notes(self) -> None:
         self.lines += [
             "Columns: accuracy on the server's held-out test set (final: last round; best: "
@@ -310,8 +331,7 @@ class ReportWriter:
             "rounds' wall-clock seconds (training, aggregation, evaluation, checkpoint), "
             "noisy on a shared machine. Mean ± sample std over seeds (seeds: finished/planned). "
             "fedit@r_max / fedit@r_min: every client at the configuration's largest / smallest "
-            "rank. flora merges each round's update into the base weights: its energy, "
-            "effective rank and norm are those of the last round's update. Under each table: "
+            f"rank. {self.folded_note()}Under each table: "
             f"{self.roles.score_text}'s mean and {LEVEL:.0%} t-interval over seeds (the suite's "
             "metric; a loss is compared as its negative, so higher is better), and each method's "
             "paired difference to raflora (method − raflora over the seeds both finished: "
