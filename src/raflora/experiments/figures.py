@@ -59,8 +59,10 @@ def plot_sensitivity(
     configs: Sequence[str],
     path: Path,
     title: str,
+    score: str = "final test accuracy",
 ) -> Path:
-    """Final accuracy vs rank configuration, one line per method, with error bars.
+    """The final ``score`` (accuracy, or −loss) vs rank configuration, one line per method,
+    with error bars.
 
     ``points[method][config] = (mean, half-width)``: the report passes the half-width of the
     95% t-interval over seeds (0 for a single seed)."""
@@ -75,7 +77,7 @@ def plot_sensitivity(
         ax.errorbar(xs, mean, yerr=half, label=method, marker="o", capsize=3)
     ax.set_xticks(x, list(configs))
     ax.set_xlabel("rank configuration")
-    ax.set_ylabel("final test accuracy (mean, 95% CI over seeds)")
+    ax.set_ylabel(f"{score} (mean, 95% CI over seeds)")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncols=2)

@@ -220,7 +220,9 @@ class ReportWriter:
             self.lines.append("")
             if points:
                 slug = setting_slug((grid, alpha, fraction), prefix="sensitivity_")
-                path = figures.plot_sensitivity(points, configs, self.plots / f"{slug}.png", title)
+                path = figures.plot_sensitivity(
+                    points, configs, self.plots / f"{slug}.png", title, what
+                )
                 self.image(path, f"{what} vs rank configuration")
 
     def _retention(self, label: str) -> str | None:

@@ -89,9 +89,7 @@ def roles_of(suite: Any) -> Roles:
         baselines.append(label)
         if method.retention == "c_i":
             suppressing.append(label)
-    return Roles(
-        tuple(baselines), tuple(suppressing), dict(suite.rank_configs), suite.suite.metric
-    )
+    return Roles(tuple(baselines), tuple(suppressing), dict(suite.rank_configs), suite.suite.metric)
 
 
 @dataclass(frozen=True)
