@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PARENT = """
-import os, sys, time
+import os, time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from raflora.experiments.runner import exit_with_parent

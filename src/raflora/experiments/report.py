@@ -34,7 +34,6 @@ from raflora.experiments.results import (
 )
 from raflora.experiments.stats import LEVEL, direction, mean_ci, paired_difference
 from raflora.experiments.suite import Cell, Plan
-from raflora.math import get_method
 from raflora.report import COLUMNS  # key, title, format: the same columns as `raflora run`
 
 VERDICT = "verdict.md"
@@ -227,7 +226,7 @@ class ReportWriter:
 
     def _retention(self, label: str) -> str | None:
         """The predicted retention of a method label's aggregation (`Method.retention`)."""
-        return get_method(self.plan.suite.variant(label).method).retention
+        return self.plan.suite.method_of(label).retention
 
     def retention_section(self) -> None:
         """c_i vs measured, for the first heterogeneous setting with a FlexLoRA run."""
@@ -305,8 +304,8 @@ class ReportWriter:
     def folded_note(self) -> str:
         """Which of the suite's methods put (part of) the update into the base weights, so
         that the diagnostics do not see all of it (registry-driven)."""
-        labels = dict.fromkeys(label for grid in self.plan.suite.grid for label in grid.methods)
-        methods = {label: get_method(self.plan.suite.variant(label).method) for label in labels}
+        suite = self.plan.suite
+        methods = {label: suite.method_of(label) for label in suite.labels()}
         merged = [label for label, m in methods.items() if m.apply == "merge"]
         residual = [label for label, m in methods.items() if m.apply != "merge" and m.residual]
         text = ""

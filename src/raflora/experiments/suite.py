@@ -39,7 +39,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,6 +51,9 @@ from raflora.config import (
     config_from_dict,
     parse_override,
 )
+
+if TYPE_CHECKING:
+    from raflora.math.methods.registry import Method
 
 
 class SuiteError(ValueError):
@@ -172,6 +175,16 @@ class Suite(_Model):
         if label in known:
             return known[label]
         return MethodVariant(method=label)  # a registered method name, or a ValueError
+
+    def labels(self) -> list[str]:
+        """Every method label of the grids, once each, in the order the grids list them."""
+        return list(dict.fromkeys(label for grid in self.grid for label in grid.methods))
+
+    def method_of(self, label: str) -> Method:
+        """The registered `Method` a label runs (``fedit@r_max`` → fedit)."""
+        from raflora.math import get_method
+
+        return get_method(self.variant(label).method)
 
 
 # --------------------------------------------------------------------------- loading

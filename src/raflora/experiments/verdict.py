@@ -74,13 +74,10 @@ class Roles:
 
 def roles_of(suite: Any) -> Roles:
     """Baselines and suppressing methods among a `Suite`'s labels (registry-driven)."""
-    from raflora.math import get_method
-
-    labels = dict.fromkeys(label for grid in suite.grid for label in grid.methods)
     baselines, suppressing = [], []
-    for label in labels:
+    for label in suite.labels():
         variant = suite.variant(label)
-        method = get_method(variant.method)
+        method = suite.method_of(label)
         # the method under test, and references that cannot run heterogeneous ranks
         if variant.ranks != "config" or variant.method == REFERENCE or method.equal_ranks:
             continue
