@@ -173,6 +173,7 @@ class DataSection(_Section):
             if repeated:
                 raise ValueError(f"each class once (repeated: {repeated})")
         return labels
+
     partition: Literal["iid", "dirichlet"] = "dirichlet"
     """how training data is split"""
     dirichlet_alpha: PositiveFloat = 0.5

@@ -154,4 +154,3 @@ def keep_trainables_float32(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-

@@ -178,9 +178,7 @@ def _encode_choices(examples: Sequence[ChoiceExample], tokenizer: Any, max_lengt
     return ChoiceDataset(items, tokenizer.pad_token_id)
 
 
-def _image_tensor(
-    pixels: np.ndarray, image_size: int | None, num_channels: int
-) -> torch.Tensor:
+def _image_tensor(pixels: np.ndarray, image_size: int | None, num_channels: int) -> torch.Tensor:
     """(N, H, W) grayscale or (N, H, W, C) uint8 → (N, num_channels, S, S) float in [0, 255]."""
     out = torch.as_tensor(pixels, dtype=torch.float32)
     out = out[:, None] if out.ndim == 3 else out.permute(0, 3, 1, 2)  # (N, C, H, W)

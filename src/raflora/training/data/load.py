@@ -51,7 +51,7 @@ def _general(
         return _images(path, seed, test_fraction)
     if images.holds_images(path):
         raise ValueError(
-            f"data.name {str(path)!r} holds images; set model.task = \"image-classification\" "
+            f'data.name {str(path)!r} holds images; set model.task = "image-classification" '
             "(and an image model) or point data.name at text data"
         )
     label_field = fields.label or "label"
